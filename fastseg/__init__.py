@@ -1,0 +1,1 @@
+"""Shared plumbing for the Fast-SCNN curriculum trainers and the efficiency tool."""
