@@ -1,0 +1,181 @@
+"""Checkpoints: one format, atomic writes, and loading of this project's and users' older files.
+
+A checkpoint written by the trainers is a dict::
+
+    {"model": state_dict, "config": {...}, "epoch": int, "metrics": {...},
+     # last.pth only, for an exact resume:
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ..., "step": int}
+
+``config`` holds every hyperparameter plus ``arch``, ``num_classes``, ``width_mult``, ``aux`` and ``profile``,
+so a checkpoint alone is enough to rebuild its model. Users' older files are a plain ``state_dict`` of the
+default Fast-SCNN (possibly with ``module.`` or ``_orig_mod.`` prefixes); they load too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastseg.errors import UserError
+
+# Prefixes added by DistributedDataParallel and torch.compile; stripped so every file loads into a bare model.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A kill between mkstemp and replace leaves only a hidden temp file; the previous file is intact.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written file behind (temp file + rename)."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line; the file is rewritten atomically so a kill never leaves half a line."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    atomic_write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_checkpoint(path: str | Path, flag: str = "checkpoint") -> dict:
+    """Read a checkpoint file and return it in the project's format (``config`` is None for a plain state_dict).
+
+    ``flag`` names the command-line flag the path came from, so the error tells the user what to fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated, foreign or pickled-object file: all the user's to fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{flag}: {path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        ckpt = dict(obj)
+        ckpt["model"] = strip_prefixes(ckpt["model"])
+        ckpt.setdefault("config", None)
+        return ckpt
+    for key in ("state_dict", "model_state_dict"):  # other common layouts
+        if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+            return {"model": strip_prefixes(obj[key]), "config": None}
+    if _is_state_dict(obj):
+        return {"model": strip_prefixes(obj), "config": None}
+    raise UserError(f"{flag}: {path}: holds no model weights (expected a state_dict or a dict with 'model')")
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Architecture settings of a plain Fast-SCNN state_dict (users' older checkpoints store none)."""
+    first = state_dict.get("learning_to_downsample.conv.conv.0.weight")
+    head = state_dict.get("classifier.conv.1.weight")
+    if first is None or head is None:
+        raise UserError(
+            "checkpoint: a plain state_dict that is not Fast-SCNN; save it with this project's trainers "
+            "(they store the architecture in the checkpoint)"
+        )
+    return {
+        "arch": "fast_scnn",
+        "num_classes": int(head.shape[0]),
+        "in_channels": int(first.shape[1]),
+        "width_mult": float(first.shape[0]) / 32.0,
+        "aux": any(k.startswith("auxlayer.") for k in state_dict),
+    }
+
+
+def _describe_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(
+        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})"
+        for k in set(own) & set(state_dict)
+        if own[k].shape != state_dict[k].shape
+    )
+    parts = []
+    for title, keys in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
+            parts.append(f"{title}: {shown}")
+    return "; ".join(parts) or None
+
+
+def load_weights(
+    model: nn.Module, source: str | Path | dict, flag: str = "checkpoint", where: str | Path | None = None
+) -> dict:
+    """Load weights strictly into ``model`` from a path or a loaded checkpoint; returns the checkpoint dict.
+
+    A mismatch (another class count, architecture or width) raises a UserError that lists the keys.
+    """
+    ckpt = load_checkpoint(source, flag) if not isinstance(source, dict) else source
+    where = where or (source if not isinstance(source, dict) else "checkpoint")
+    problem = _describe_mismatch(model, ckpt["model"])
+    if problem:
+        raise UserError(f"{flag}: {where} does not fit the model ({problem})")
+    model.load_state_dict(ckpt["model"], strict=True)
+    return ckpt
+
+
+def model_config(ckpt: dict) -> dict:
+    """The architecture settings of a loaded checkpoint, stored or inferred."""
+    stored = ckpt.get("config") or {}
+    cfg = infer_config(ckpt["model"]) if not stored.get("arch") else {}
+    cfg.update({k: v for k, v in stored.items()})
+    if "aux" not in stored and cfg.get("arch") == "fast_scnn":
+        cfg["aux"] = any(k.startswith("auxlayer.") for k in ckpt["model"])
+    return cfg
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
+    """Build the checkpoint's architecture, load it strictly, and return ``(model in eval mode, config)``."""
+    from fastseg.models import build_model
+
+    ckpt = load_checkpoint(path, flag)
+    cfg = model_config(ckpt)
+    model = build_model(
+        cfg.get("arch", "fast_scnn"),
+        num_classes=int(cfg.get("num_classes", 19)),
+        aux=bool(cfg.get("aux", False)),
+        width_mult=float(cfg.get("width_mult", 1.0)),
+    )
+    load_weights(model, ckpt, flag=flag, where=path)
+    return model.to(device).eval(), cfg
