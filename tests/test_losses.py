@@ -1,0 +1,213 @@
+"""Losses against references computed by hand with numpy loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastseg.errors import UserError
+from fastseg.losses import DistillationLoss, SegmentationLoss, cross_entropy, cwd_loss, kd_loss
+
+
+def _logits(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _kd_reference(student, teacher, target, temperature, ignore_index=255):
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n, _, h, w = s.shape
+    total, count = 0.0, 0
+    for b in range(n):
+        for y in range(h):
+            for x in range(w):
+                if target is not None and int(target[b, y, x]) == ignore_index:
+                    continue
+                p = _softmax(t[b, :, y, x] / temperature)
+                q = _softmax(s[b, :, y, x] / temperature)
+                total += float(np.sum(p * np.log(p / q)))
+                count += 1
+    return total / count * temperature**2
+
+
+def test_kd_matches_hand_computed_reference():
+    student, teacher = _logits(2, 4, 3, 5, seed=1), _logits(2, 4, 3, 5, seed=2)
+    target = torch.randint(0, 4, (2, 3, 5), generator=torch.Generator().manual_seed(3))
+    target[0, 1, :3] = 255
+    for temperature in (1.0, 4.0):
+        got = kd_loss(student, teacher, target, temperature=temperature)
+        assert got.item() == pytest.approx(_kd_reference(student, teacher, target, temperature), rel=1e-5)
+    # without labels every pixel counts
+    got = kd_loss(student, teacher, temperature=2.0)
+    assert got.item() == pytest.approx(_kd_reference(student, teacher, None, 2.0), rel=1e-5)
+
+
+def test_kd_is_a_mean_so_it_does_not_grow_with_resolution():
+    student, teacher = _logits(2, 5, 4, 6, seed=4), _logits(2, 5, 4, 6, seed=5)
+    target = torch.randint(0, 5, (2, 4, 6), generator=torch.Generator().manual_seed(6))
+    target[1, 0, 0] = 255
+    low = kd_loss(student, teacher, target)
+
+    def up(x):
+        return x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+
+    high = kd_loss(up(student), up(teacher), up(target))
+    assert high.item() == pytest.approx(low.item(), rel=1e-5)
+    assert low.item() > 0.01
+
+
+def test_kd_resizes_teacher_to_student_size():
+    student = _logits(1, 3, 4, 4, seed=7)
+    teacher = _logits(1, 3, 8, 8, seed=8)
+    resized = F.interpolate(teacher, size=(4, 4), mode="bilinear", align_corners=False)
+    assert kd_loss(student, teacher).item() == pytest.approx(kd_loss(student, resized).item(), rel=1e-6)
+    # labels at the teacher's size are brought to the student's size too
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    assert kd_loss(student, teacher, target).item() == pytest.approx(
+        kd_loss(student, resized).item(), rel=1e-6
+    )
+
+
+def test_kd_zero_when_student_equals_teacher():
+    logits = _logits(2, 6, 5, 5, seed=9)
+    assert kd_loss(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_ignores_pixels_labelled_255():
+    student, teacher = _logits(1, 4, 4, 4, seed=10), _logits(1, 4, 4, 4, seed=11)
+    target = torch.randint(0, 4, (1, 4, 4), generator=torch.Generator().manual_seed(12))
+    target[0, :2] = 255
+    before = kd_loss(student, teacher, target)
+    student2, teacher2 = student.clone(), teacher.clone()
+    student2[..., :2, :] = 100 * torch.randn(1, 4, 2, 4)
+    teacher2[..., :2, :] = -50.0
+    after = kd_loss(student2, teacher2, target)
+    assert after.item() == pytest.approx(before.item(), rel=1e-6)
+    # and the valid pixels are averaged, not summed
+    only_valid = kd_loss(student[..., 2:, :], teacher[..., 2:, :])
+    assert before.item() == pytest.approx(only_valid.item(), rel=1e-6)
+
+
+def test_kd_gradient_reaches_student_not_teacher_and_is_stable():
+    student = _logits(1, 3, 2, 2, seed=13).requires_grad_()
+    teacher = (_logits(1, 3, 2, 2, seed=14) * 1000).requires_grad_()  # extreme logits: no overflow
+    loss = kd_loss(student, teacher)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert teacher.grad is None
+
+
+def test_kd_all_ignored_is_zero_with_gradient():
+    student = _logits(1, 3, 2, 2).requires_grad_()
+    loss = kd_loss(student, _logits(1, 3, 2, 2, seed=1), torch.full((1, 2, 2), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_cross_entropy_ignores_255_and_averages_valid_pixels():
+    logits = _logits(1, 3, 2, 2, seed=15)
+    target = torch.tensor([[[0, 2], [255, 1]]])
+    logp = F.log_softmax(logits.double(), dim=1)[0]
+    expected = -(logp[0, 0, 0] + logp[2, 0, 1] + logp[1, 1, 1]) / 3
+    assert cross_entropy(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # whatever the logits at the ignored pixel, the loss stays the same
+    logits2 = logits.clone()
+    logits2[0, :, 1, 0] = torch.tensor([50.0, -50.0, 3.0])
+    assert cross_entropy(logits2, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_segmentation_loss_all_ignored_batch_is_finite_zero_with_grad():
+    logits = _logits(2, 4, 3, 3).requires_grad_()
+    loss, parts = SegmentationLoss()(logits, torch.full((2, 3, 3), 255))
+    assert loss.item() == 0.0 and parts["ce"].item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_segmentation_loss_adds_weighted_aux():
+    main, aux = _logits(2, 4, 3, 3, seed=16), _logits(2, 4, 3, 3, seed=17)
+    target = torch.randint(0, 4, (2, 3, 3), generator=torch.Generator().manual_seed(18))
+    target[0, 0, 0] = 255
+    ce_main = F.cross_entropy(main, target, ignore_index=255)
+    ce_aux = F.cross_entropy(aux, target, ignore_index=255)
+    loss, parts = SegmentationLoss(aux_weight=0.4)((main, aux), target)
+    assert loss.item() == pytest.approx((ce_main + 0.4 * ce_aux).item(), rel=1e-6)
+    assert parts["ce"].item() == pytest.approx(ce_main.item(), rel=1e-6)
+    assert parts["aux"].item() == pytest.approx(ce_aux.item(), rel=1e-6)
+    plain, plain_parts = SegmentationLoss(aux_weight=0.4)(main, target)
+    assert plain.item() == pytest.approx(ce_main.item(), rel=1e-6)
+    assert "aux" not in plain_parts
+
+
+def _cwd_reference(student, teacher, temperature):
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n, c = s.shape[:2]
+    total = 0.0
+    for b in range(n):
+        for ch in range(c):
+            p = _softmax(t[b, ch].ravel() / temperature)
+            q = _softmax(s[b, ch].ravel() / temperature)
+            total += float(np.sum(p * np.log(p / q)))
+    return total / (n * c) * temperature**2
+
+
+def test_cwd_matches_hand_computation_zero_for_equal_positive_otherwise():
+    student, teacher = _logits(2, 3, 4, 5, seed=19), _logits(2, 3, 4, 5, seed=20)
+    got = cwd_loss(student, teacher, temperature=4.0)
+    assert got.item() == pytest.approx(_cwd_reference(student, teacher, 4.0), rel=1e-5)
+    assert got.item() > 0
+    assert cwd_loss(student, student.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_combines_terms():
+    student, aux = _logits(2, 4, 3, 3, seed=21), _logits(2, 4, 3, 3, seed=22)
+    teacher = _logits(2, 4, 3, 3, seed=23)
+    target = torch.randint(0, 4, (2, 3, 3), generator=torch.Generator().manual_seed(24))
+    target[1, 2, 2] = 255
+    ce = F.cross_entropy(student, target, ignore_index=255)
+    ce_aux = F.cross_entropy(aux, target, ignore_index=255)
+    kd = kd_loss(student, teacher, target, temperature=2.0)
+    cwd = cwd_loss(student, teacher, temperature=2.0)
+
+    total, parts = DistillationLoss(alpha=0.3, temperature=2.0)((student, aux), teacher, target)
+    assert total.item() == pytest.approx((0.7 * (ce + 0.4 * ce_aux) + 0.3 * kd).item(), rel=1e-6)
+    assert set(parts) == {"ce", "aux", "kd"}
+    assert parts["kd"].item() == pytest.approx(kd.item(), rel=1e-6)
+
+    total, parts = DistillationLoss(alpha=0.3, temperature=2.0, cwd_weight=0.5)(student, teacher, target)
+    assert total.item() == pytest.approx((0.7 * ce + 0.3 * kd + 0.5 * cwd).item(), rel=1e-6)
+    assert parts["cwd"].item() == pytest.approx(cwd.item(), rel=1e-6)
+
+    only_ce, _ = DistillationLoss(alpha=0.0)(student, teacher, target)
+    assert only_ce.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"alpha": -0.1}, "--alpha"),
+        ({"alpha": 1.5}, "--alpha"),
+        ({"alpha": float("nan")}, "--alpha"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"temperature": -1.0}, "--temperature"),
+        ({"cwd_weight": -1.0}, "--cwd-weight"),
+    ],
+)
+def test_bad_hyperparameters_raise_user_error_naming_the_flag(kwargs, flag):
+    with pytest.raises(UserError, match=flag):
+        DistillationLoss(**kwargs)
+
+
+def test_kd_rejects_bad_temperature():
+    with pytest.raises(UserError, match="--temperature"):
+        kd_loss(_logits(1, 2, 2, 2), _logits(1, 2, 2, 2), temperature=0)
