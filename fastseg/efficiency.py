@@ -1,0 +1,851 @@
+"""Accuracy, cost and speed of segmentation checkpoints, and the report that compares them.
+
+The pieces behind ``evaluate_efficiency.py``:
+
+- finding checkpoints (paths and globs) and naming them in a report (:func:`expand_checkpoint_paths`,
+  :func:`checkpoint_label`, :func:`stage_label`);
+- accuracy over the val split from one confusion matrix, optionally saving the predictions as Cityscapes
+  label-id PNGs that the official evaluation accepts (:func:`evaluate_accuracy`);
+- speed: latency at batch 1, throughput at a larger batch, peak memory, per dtype, on a copy of the model
+  prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`), and ONNX export with
+  onnxruntime latency (:func:`export_onnx`, :func:`onnx_latency`);
+- the report: Markdown table, JSON, plots (:func:`markdown_table`, :func:`write_json`,
+  :func:`plot_per_class_iou`, :func:`plot_tradeoffs`).
+
+MACs and parameters come from :mod:`fastseg.flops` (``torch.utils.flop_counter``); FLOPs are 2 × MACs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fastseg.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Keys every result carries in the JSON report (None where a part was skipped).
+RESULT_KEYS = (
+    "checkpoint",
+    "profile",
+    "input_size",
+    "miou",
+    "dice",
+    "pixel_accuracy",
+    "per_class_iou",
+    "params",
+    "macs",
+    "flops",
+    "latency_ms",
+    "latency_p90_ms",
+    "fps",
+    "peak_memory_mb",
+    "device",
+    "dtype",
+    "dice_per_gflop",
+    "miou_per_gflop",
+)
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and their names
+# --------------------------------------------------------------------------------------------------
+
+
+def expand_checkpoint_paths(patterns: Iterable[str], flag: str = "--current-model-path") -> list[Path]:
+    """Expand paths and globs (``**`` allowed) into checkpoint files, in the order given, without repeats.
+
+    Globs are expanded here as well as by the shell, because a quoted glob reaches the script as is.
+    """
+    paths: list[Path] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if _GLOB_CHARS.intersection(pattern):
+            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"{flag}: no file matches {pattern!r}; check the directory and the pattern")
+            paths.extend(matches)
+        else:
+            path = Path(pattern)
+            if not path.is_file():
+                raise UserError(f"{flag}: {path} does not exist; give the path of a .pth checkpoint")
+            paths.append(path)
+    if not paths:
+        raise UserError(f"{flag}: no checkpoint given; pass one or more .pth paths or a glob")
+    unique: dict[Path, None] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), None)
+    return [Path(p) for p in unique]
+
+
+def checkpoint_label(path: str | os.PathLike) -> str:
+    """A short name for a report row: the last three path parts, e.g. ``exp/profile-2/best.pth``."""
+    parts = Path(path).parts
+    return "/".join(parts[-3:])
+
+
+def is_distilled(config: dict[str, Any]) -> bool:
+    """A student trained by distillation carries its teacher in the config."""
+    return bool(config.get("teacher") or config.get("trained_teacher_model_path"))
+
+
+def stage_label(config: dict[str, Any], profile: int) -> str:
+    """``teacher p1`` / ``student p2``: the role in the curriculum and the profile.
+
+    Models trained without a teacher are the curriculum's teachers; distilled ones are its students.
+    """
+    role = "student" if is_distilled(config) else "teacher"
+    return f"{role} p{profile}"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a label (``exp/profile-2/best.pth`` → ``exp_profile-2_best``)."""
+    text = re.sub(r"\.pth?$", "", text)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "checkpoint"
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device: CUDA was asked for but is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The main logits whatever the wrapper returns (tensor, (main, aux) tuple or torchvision dict)."""
+    if isinstance(output, dict):
+        return output["out"]
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_image(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------------
+
+
+def prediction_name(sample_name: str) -> str:
+    """The file name the official Cityscapes evaluation matches against ``<city>_<seq>_<frame>``."""
+    return f"{sample_name}_pred_labelIds.png"
+
+
+def save_prediction(train_ids: np.ndarray, path: Path) -> None:
+    """Write one prediction as a PNG of Cityscapes *label ids* (what the official tools expect)."""
+    from fastseg.data import TRAIN_ID_TO_ID
+
+    label_ids = TRAIN_ID_TO_ID[train_ids.astype(np.uint8)]
+    _atomic_save_image(Image.fromarray(label_ids), path)
+
+
+def save_overlay(image_path: Path, train_ids: np.ndarray, path: Path, alpha: float = 0.5) -> None:
+    """Blend the colourised prediction over the original image, for a human to look at."""
+    from fastseg.data import colorize
+
+    colours = Image.fromarray(colorize(train_ids.astype(np.uint8)))
+    with Image.open(image_path) as image:
+        base = image.convert("RGB")
+    if base.size != colours.size:
+        base = base.resize(colours.size, Image.Resampling.BILINEAR)
+    _atomic_save_image(Image.blend(base, colours, alpha), path)
+
+
+def _original_label_size(label_path: Path) -> tuple[int, int]:
+    """(H, W) of a label file, from its header alone."""
+    with Image.open(label_path) as image:
+        width, height = image.size
+    return height, width
+
+
+@torch.inference_mode()
+def evaluate_accuracy(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int = 19,
+    *,
+    samples: Sequence[Any] | None = None,
+    prediction_dir: Path | None = None,
+    overlay_dir: Path | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, Any]:
+    """mIoU, per-class IoU, Dice and pixel accuracy over ``loader`` from one confusion matrix.
+
+    Logits are upsampled (bilinear) to the size of the labels the loader yields, so the score is at
+    full label resolution when the dataset keeps labels full size. ``samples`` (the dataset's Sample
+    list, indexed by the loader's third item) is needed to name saved predictions; these are always
+    written at the size of the original label file.
+    """
+    from fastseg.data import prepare_batch
+    from fastseg.metrics import ConfusionMatrix
+
+    if (prediction_dir or overlay_dir) and samples is None:
+        raise ValueError("samples are needed to name saved predictions")
+    matrix = ConfusionMatrix(num_classes)
+    model.eval()
+    batches = progress(loader) if progress else loader
+    for images_u8, labels_u8, indices in batches:
+        images, labels = prepare_batch(images_u8, labels_u8, device, train=False)
+        logits = logits_of(model(images)).float()
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        matrix.update_from_logits(logits, labels)
+        if prediction_dir is None and overlay_dir is None:
+            continue
+        for row, index in enumerate(indices.tolist()):
+            sample = samples[index]
+            full_size = _original_label_size(sample.label)
+            row_logits = logits[row : row + 1]
+            if tuple(row_logits.shape[-2:]) != full_size:
+                row_logits = F.interpolate(row_logits, size=full_size, mode="bilinear", align_corners=False)
+            train_ids = row_logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            if prediction_dir is not None:
+                save_prediction(train_ids, Path(prediction_dir) / prediction_name(sample.name))
+            if overlay_dir is not None:
+                save_overlay(sample.image, train_ids, Path(overlay_dir) / f"{sample.name}_overlay.png")
+    return matrix_metrics(matrix)
+
+
+def matrix_metrics(matrix: Any) -> dict[str, Any]:
+    """The accuracy part of a report row from a filled ConfusionMatrix (fractions, NaN → None)."""
+    scores = matrix.compute()
+    per_class = [_finite_or_none(v) for v in _as_list(scores["per_class_iou"])]
+    return {
+        "miou": _finite_or_none(scores["miou"]),
+        "dice": _finite_or_none(scores["dice"]),
+        "pixel_accuracy": _finite_or_none(scores["pixel_accuracy"]),
+        "per_class_iou": per_class,
+    }
+
+
+def _as_list(values: Any) -> list[float]:
+    if isinstance(values, dict):
+        return list(values.values())
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return list(np.asarray(values, dtype=float).tolist())
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed
+# --------------------------------------------------------------------------------------------------
+
+
+def is_fast_scnn(model: nn.Module) -> bool:
+    try:
+        from fast_scnn import FastSCNN
+    except ImportError:
+        return False
+    return isinstance(model, FastSCNN)
+
+
+def prepare_for_speed(
+    model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True
+) -> tuple[nn.Module, bool]:
+    """A copy of ``model`` set up as it would be deployed; returns (model, whether BN was folded).
+
+    BatchNorm is folded into the preceding convolutions for Fast-SCNN (its own ``fold_batchnorm``);
+    other architectures keep their BatchNorm layers, which the report states.
+    """
+    folded = fold_bn and is_fast_scnn(model)
+    if folded:
+        from fast_scnn import fold_batchnorm
+
+        model = fold_batchnorm(model)  # returns an eval-mode copy
+    else:
+        model = copy.deepcopy(model).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, folded
+
+
+def _timed_runs(fn: Callable[[], Any], runs: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall times in ms of ``runs`` calls after ``warmup`` untimed ones, synchronising CUDA around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _read_proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def track_peak_memory(device: torch.device):
+    """Yield a dict that holds ``mb`` and ``kind`` once the block ends.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (weights + activations held by PyTorch's allocator).
+    CPU: how far the process's peak resident set (VmHWM) rose above its resident set at the start,
+    after resetting the peak through /proc/self/clear_refs; None where Linux does not allow that.
+    """
+    box: dict[str, Any] = {"mb": None, "kind": None}
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield box
+        _sync(device)
+        box["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        box["kind"] = "cuda_max_memory_allocated"
+        return
+    start_rss = _read_proc_status_kib("VmRSS")
+    reset = False
+    if start_rss is not None:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            reset = True
+        except OSError:
+            reset = False
+    yield box
+    peak = _read_proc_status_kib("VmHWM") if reset else None
+    if peak is not None and start_rss is not None:
+        box["mb"] = max(peak - start_rss, 0) / 1024
+        box["kind"] = "cpu_peak_rss_increase"
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def measure_speed(
+    model: nn.Module,
+    input_hw: tuple[int, int],
+    device: torch.device,
+    *,
+    dtype: str = "fp32",
+    runs: int = 50,
+    warmup: int = 10,
+    throughput_batch: int = 8,
+    throughput_runs: int | None = None,
+    channels_last: bool = True,
+) -> dict[str, Any]:
+    """Latency at batch 1 (median, p90, mean, min over ``runs``), throughput at ``throughput_batch``
+    and the peak memory of batch-1 inference, for a model already prepared with :func:`prepare_for_speed`.
+    """
+    if runs < 1 or warmup < 0 or throughput_batch < 1:
+        raise ValueError("runs and throughput_batch must be positive, warmup non-negative")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    height, width = input_hw
+    generator = torch.Generator().manual_seed(0)
+
+    def make_input(batch: int) -> torch.Tensor:
+        # Random normalised images: a segmentation network's cost does not depend on pixel values.
+        x = torch.randn(batch, 3, height, width, generator=generator)
+        return x.to(device).contiguous(memory_format=memory_format)
+
+    single = make_input(1)
+
+    def forward(x: torch.Tensor) -> Any:
+        with torch.inference_mode(), _autocast(device, dtype):
+            return model(x)
+
+    with track_peak_memory(device) as memory:
+        latencies = _timed_runs(lambda: forward(single), runs, warmup, device)
+
+    throughput_runs = throughput_runs or max(5, runs // 5)
+    batch = make_input(throughput_batch)
+    with track_peak_memory(device) as batch_memory:
+        batch_times = _timed_runs(lambda: forward(batch), throughput_runs, min(warmup, 3), device)
+    median_batch_s = _percentile(batch_times, 50) / 1e3
+    return {
+        "dtype": dtype,
+        "latency_ms": _percentile(latencies, 50),
+        "latency_p90_ms": _percentile(latencies, 90),
+        "latency_mean_ms": float(np.mean(latencies)),
+        "latency_min_ms": float(np.min(latencies)),
+        "runs": runs,
+        "warmup": warmup,
+        "fps": throughput_batch / median_batch_s,
+        "throughput_batch": throughput_batch,
+        "throughput_runs": throughput_runs,
+        "peak_memory_mb": memory["mb"],
+        "peak_memory_kind": memory["kind"],
+        "peak_memory_mb_throughput": batch_memory["mb"],
+    }
+
+
+def speed_dtypes(device: torch.device, primary: str = "fp32") -> list[str]:
+    """fp32 everywhere; on CUDA also fp16 and (where supported) bf16 under autocast."""
+    names = ["fp32"]
+    if device.type == "cuda":
+        names.append("fp16")
+        if torch.cuda.is_bf16_supported():
+            names.append("bf16")
+    if primary not in names:
+        names.append(primary)
+    return names
+
+
+def benchmark_speed(
+    model: nn.Module,
+    input_hw: tuple[int, int],
+    device: torch.device,
+    *,
+    dtypes: Sequence[str] = ("fp32",),
+    runs: int = 50,
+    warmup: int = 10,
+    throughput_batch: int = 8,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+    compile_model: bool = False,
+) -> dict[str, Any]:
+    """Prepare a deployable copy of ``model`` and time it in each dtype.
+
+    Returns ``{"bn_folded": bool, "channels_last": bool, "compiled": bool, "by_dtype": {dtype: speed}}``.
+    """
+    prepared, folded = prepare_for_speed(model, fold_bn=fold_bn, channels_last=channels_last)
+    prepared = prepared.to(device)
+    if compile_model:
+        prepared = torch.compile(prepared)
+    by_dtype = {}
+    for dtype in dtypes:
+        by_dtype[dtype] = measure_speed(
+            prepared,
+            input_hw,
+            device,
+            dtype=dtype,
+            runs=runs,
+            warmup=max(warmup, 3 if compile_model else 0),
+            throughput_batch=throughput_batch,
+            channels_last=channels_last,
+        )
+    del prepared
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "bn_folded": folded,
+        "channels_last": channels_last,
+        "compiled": compile_model,
+        "by_dtype": by_dtype,
+    }
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_onnx(
+    model: nn.Module, input_hw: tuple[int, int], path: str | os.PathLike, opset: int = 17
+) -> Path:
+    """Export a BN-folded fp32 copy of ``model`` for a 1×3×H×W input; the file is replaced atomically.
+
+    The torch.export-based exporter is used when ``onnxscript`` is installed; otherwise the TorchScript
+    one, which needs nothing beyond torch.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepared, _ = prepare_for_speed(model, fold_bn=True, channels_last=False)
+    prepared = prepared.float().cpu()
+    example = torch.randn(1, 3, *input_hw)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
+    os.close(fd)
+    try:
+        try:
+            import onnxscript  # noqa: F401
+
+            use_dynamo = True
+        except ImportError:
+            use_dynamo = False
+        with warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation on every call.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _LogitsOnly(prepared),
+                (example,),
+                tmp,
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=use_dynamo,
+                **({"external_data": False} if use_dynamo else {}),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class _LogitsOnly(nn.Module):
+    """Export wrapper so that the graph has a single ``logits`` output whatever the model returns."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
+def onnx_latency(
+    path: str | os.PathLike,
+    input_hw: tuple[int, int],
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    use_cuda: bool = False,
+) -> dict[str, Any]:
+    """onnxruntime latency at batch 1 (median, p90) with the CUDA provider when asked and present."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise UserError(
+            "--export-onnx: onnxruntime is not installed, so the exported model cannot be timed; "
+            "`pip install onnxruntime` (or onnxruntime-gpu) to time it"
+        ) from exc
+    providers = ["CPUExecutionProvider"]
+    if use_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    feed = {
+        session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, *input_hw), np.float32)
+    }
+    times = _timed_runs(lambda: session.run(None, feed), runs, warmup, torch.device("cpu"))
+    return {
+        "onnx_path": str(path),
+        "onnx_provider": session.get_providers()[0],
+        "onnx_latency_ms": _percentile(times, 50),
+        "onnx_latency_p90_ms": _percentile(times, 90),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+def cost_fields(params: int, macs: int) -> dict[str, Any]:
+    """Parameters, MACs and FLOPs (= 2 × MACs, the convention of the report) of one row."""
+    return {"params": int(params), "macs": int(macs), "flops": 2 * int(macs)}
+
+
+def efficiency_scores(row: dict[str, Any]) -> dict[str, float | None]:
+    """Dice and mIoU (fractions) per GFLOP, with GFLOP = 2 × MACs / 1e9."""
+    gflops = row["flops"] / 1e9 if row.get("flops") else None
+    scores = {}
+    for key in ("dice", "miou"):
+        value = row.get(key)
+        scores[f"{key}_per_gflop"] = value / gflops if value is not None and gflops else None
+    return scores
+
+
+def describe_method(
+    *,
+    device: torch.device,
+    runs: int,
+    warmup: int,
+    throughput_batch: int,
+    dtypes: Sequence[str],
+    primary_dtype: str,
+    channels_last: bool,
+    compile_model: bool,
+    label_resolution: str,
+    skip_speed: bool = False,
+    skip_accuracy: bool = False,
+) -> str:
+    """One paragraph that says exactly how every number in the report was obtained."""
+    parts = []
+    if skip_accuracy:
+        parts.append("Accuracy: skipped.")
+    else:
+        where = "the full label resolution" if label_resolution == "full" else "the profile's input size"
+        parts.append(
+            "Accuracy: one confusion matrix over the val split, logits upsampled (bilinear) to "
+            f"{where}; mIoU is the mean over classes with a non-empty union; Dice is dataset-level "
+            "(2·TP / (2·TP + FP + FN) per class, averaged like mIoU); fractions 0–1."
+        )
+    parts.append(
+        "Cost: parameters; MACs counted with torch.utils.flop_counter for one 3×H×W image at the "
+        "profile's input size; FLOPs = 2 × MACs; Dice/GFLOP and mIoU/GFLOP divide by GFLOPs."
+    )
+    if skip_speed:
+        parts.append("Speed: skipped.")
+    else:
+        if device.type == "cuda":
+            where = f"{torch.cuda.get_device_name(device)}, torch.cuda.synchronize before and after each pass"
+            memory = "torch.cuda.max_memory_allocated during batch-1 inference (weights + activations)"
+        else:
+            where = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+            memory = (
+                "rise of the process's peak resident memory (VmHWM) above its resident memory during "
+                "batch-1 inference (None where it cannot be read)"
+            )
+        precision = ", ".join(f"{d} (autocast)" if d != "fp32" else d for d in dtypes)
+        parts.append(
+            f"Speed on {where}, torch {torch.__version__}: random input, torch.inference_mode, model with "
+            f"BatchNorm folded into the convolutions (Fast-SCNN), "
+            f"{'channels_last' if channels_last else 'contiguous'} memory format, "
+            f"torch.compile {'on' if compile_model else 'off'}; latency = median and p90 of {runs} timed "
+            f"passes at batch 1 after {warmup} warm-up passes; FPS = images/s at batch {throughput_batch} "
+            f"(median pass time); peak memory = {memory}; precisions measured: {precision}; the table "
+            f"shows {primary_dtype}."
+        )
+    return " ".join(parts)
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    if value is None:
+        return "–"
+    return format(value * scale, spec)
+
+
+MARKDOWN_COLUMNS = (
+    "checkpoint",
+    "profile",
+    "input (H×W)",
+    "mIoU %",
+    "Dice %",
+    "params (M)",
+    "GMACs",
+    "latency ms",
+    "FPS",
+    "Dice/GFLOP",
+    "mIoU/GFLOP",
+)
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    """One row per checkpoint; accuracy in percent, cost in millions and GMACs."""
+    lines = [
+        "| " + " | ".join(MARKDOWN_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(MARKDOWN_COLUMNS) - 1)) + "|",
+    ]
+    for row in results:
+        height, width = row["input_size"]
+        cells = [
+            row["checkpoint"],
+            str(row["profile"]),
+            f"{height}×{width}",
+            _fmt(row.get("miou"), ".2f", 100),
+            _fmt(row.get("dice"), ".2f", 100),
+            _fmt(row.get("params"), ".3f", 1e-6),
+            _fmt(row.get("macs"), ".3f", 1e-9),
+            _fmt(row.get("latency_ms"), ".2f"),
+            _fmt(row.get("fps"), ".1f"),
+            _fmt(row.get("dice_per_gflop"), ".4f"),
+            _fmt(row.get("miou_per_gflop"), ".4f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, (Path, torch.device, torch.dtype)):
+        return str(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], method: str, **extra: Any) -> Path:
+    """``{"results": [...], "method": ...}`` written atomically; NaN becomes null so any reader parses it."""
+    payload = {"results": list(results), "method": method, **extra}
+    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    path = Path(path)
+    _atomic_write_bytes(path, text.encode())
+    return path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_class_iou(row: dict[str, Any], path: str | os.PathLike, class_names: Sequence[str]) -> Path:
+    """Bar chart of the IoU of each class (absent classes drawn as empty slots, marked n/a)."""
+    plt = _figure()
+    ious = row["per_class_iou"]
+    values = [0.0 if v is None else 100 * v for v in ious]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    bars = ax.bar(range(len(values)), values, color="#3b75af")
+    for bar, value in zip(bars, ious):
+        if value is None:
+            ax.text(bar.get_x() + bar.get_width() / 2, 1, "n/a", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(list(class_names)[: len(values)], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("IoU %")
+    ax.set_ylim(0, 100)
+    miou = row.get("miou")
+    title = f"{row['checkpoint']} (profile {row['profile']})"
+    if miou is not None:
+        title += f" — mIoU {100 * miou:.2f}%"
+        ax.axhline(100 * miou, color="#c44e52", linestyle="--", linewidth=1)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def point_labels(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Stage labels for the trade-off plots, prefixed by the experiment when several are compared."""
+    experiments = {row.get("experiment_id") for row in results}
+    labels = []
+    for row in results:
+        label = row.get("stage") or f"p{row['profile']}"
+        if len(experiments) > 1 and row.get("experiment_id"):
+            label = f"{row['experiment_id']} {label}"
+        labels.append(label)
+    return labels
+
+
+def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
+    """Accuracy vs GFLOPs and accuracy vs latency, each point labelled with its stage.
+
+    Returns the files written (none when accuracy or the needed cost/speed figures are missing).
+    """
+    plt = _figure()
+    out_dir = Path(out_dir)
+    labels = point_labels(results)
+    written = []
+    axes_specs = (
+        ("flops", 1e-9, "GFLOPs (2 × MACs) per image", "accuracy_vs_gflops.png"),
+        ("latency_ms", 1.0, "latency at batch 1 (ms, median)", "accuracy_vs_latency.png"),
+    )
+    for key, scale, xlabel, name in axes_specs:
+        points = [
+            (row[key] * scale, row, label)
+            for row, label in zip(results, labels)
+            if row.get(key) is not None and row.get("miou") is not None
+        ]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for metric, marker, colour in (("miou", "o", "#3b75af"), ("dice", "^", "#dd8452")):
+            xs = [x for x, row, _ in points if row.get(metric) is not None]
+            ys = [100 * row[metric] for _, row, _ in points if row.get(metric) is not None]
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                linestyle="none",
+                color=colour,
+                label="mIoU" if metric == "miou" else "Dice",
+            )
+        for x, row, label in points:
+            ax.annotate(label, (x, 100 * row["miou"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy on val (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        _save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
