@@ -1,0 +1,100 @@
+"""Command line of the trainers: every constant at the top of a script becomes a flag of the same name.
+
+``train.py`` and ``train_distillation.py`` pass their constants as ``defaults``; the parsed values are the
+run's configuration, printed, written to ``config.json`` and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fastseg.data import PROFILES
+from fastseg.models import ARCHS
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 576x288, got '{text}'") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got '{text}'")
+    return w, h
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser(description: str, defaults: dict[str, Any]) -> argparse.ArgumentParser:
+    """The flags every trainer shares, with defaults taken from the script's constants."""
+    d = defaults
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("curriculum and data")
+    g.add_argument("--profile", type=int, choices=sorted(PROFILES), default=d["profile"],
+                   help="curriculum stage: resize and random-crop sizes (see README)")
+    g.add_argument("--data-dir", default=d["data_dir"], help="Cityscapes root (leftImg8bit/ and gtFine/)")
+    g.add_argument("--cache-dir", default=d.get("cache_dir"),
+                   help="where pre-resized copies of the data are kept (default: beside the data, or ~/.cache)")
+    g.add_argument("--resize", type=_size, default=None, help="override the profile's resize size, WxH")
+    g.add_argument("--patch", type=_size, default=None, help="override the profile's random-crop size, WxH")
+    g.add_argument("--scale-aug", action=argparse.BooleanOptionalAction, default=d["scale_aug"],
+                   help="random scale 0.5-2.0 before cropping (the paper's augmentation)")
+    g.add_argument("--label-resolution", choices=["full", "resized"], default=d["label_resolution"],
+                   help="score validation at the label's full size (Cityscapes convention) or the resized one")
+    g.add_argument("--num-workers", type=_non_negative_int, default=d["num_workers"])
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default=d["arch"])
+    g.add_argument("--width-mult", type=_positive_float, default=d["width_mult"],
+                   help="channel width of Fast-SCNN (1.0 is the standard, checkpoint-compatible layout)")
+    g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=d["aux"],
+                   help="auxiliary head on the 1/8 features during training (weight 0.4)")
+    g.add_argument("--previous-model-path", default=d["previous_model_path"],
+                   help="weights to start from: none, a .pth path, or auto (best.pth of the previous profile)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, default=d["epochs"])
+    g.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], help="per process")
+    g.add_argument("--lr", type=_positive_float, default=d["lr"])
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default=d["optimizer"])
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    g.add_argument("--momentum", type=float, default=d["momentum"], help="SGD only")
+    g.add_argument("--lr-schedule", choices=["poly", "constant"], default=d["lr_schedule"])
+    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
+    g.add_argument("--seed", type=int, default=d["seed"])
+
+    g = p.add_argument_group("run")
+    g.add_argument("--experiment-id", default=d["experiment_id"],
+                   help="names the curriculum run: <output-dir>/<experiment-id>/profile-<k>/")
+    g.add_argument("--output-dir", default=d["output_dir"])
+    g.add_argument("--resume", default=d["resume"],
+                   help="auto (continue from this stage's last.pth if there is one), none, or a path")
+    g.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=d["amp"],
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d["compile"])
+    g.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default=d["wandb"],
+                   help="auto: online when WANDB_API_KEY is set, else offline (never a login prompt)")
+    g.add_argument("--wandb-project", default=d["wandb_project"])
+    g.add_argument("--log-every", type=_positive_int, default=d["log_every"],
+                   help="steps between progress lines when the output is a log file")
+    return p

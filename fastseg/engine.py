@@ -1,0 +1,189 @@
+"""One training epoch and one validation pass, shared by every trainer and the evaluation tool.
+
+The trainers differ only in their *objective*: a callable ``objective(model, images, labels)`` returning
+``(loss, parts)`` where ``parts`` maps names (``ce``, ``kd``, ...) to detached scalar tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseg import distributed as dist_utils
+from fastseg.data import IGNORE_INDEX, NUM_CLASSES, prepare_batch
+from fastseg.errors import UserError
+from fastseg.metrics import ConfusionMatrix
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class StopRequested(Exception):
+    """A signal asked the run to stop after the current step (time limit or preemption)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stop requested after step {step}")
+        self.step = step
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def supervised_objective(criterion: Callable) -> Objective:
+    """The teacher's objective: the model's output against the labels."""
+
+    def objective(model, images, labels):
+        return criterion(model(images), labels)
+
+    return objective
+
+
+@dataclass
+class StepContext:
+    """Everything a training step needs besides the batch; built once per stage."""
+
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+
+def _jitter_generator(ctx: StepContext, epoch: int, step: int) -> torch.Generator:
+    # Colour jitter depends only on (seed, epoch, step, rank): a resumed run draws the same values.
+    gen = torch.Generator(device=ctx.device)
+    gen.manual_seed(((ctx.seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_009 + ctx.rank)
+    return gen
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    loader: Iterable,
+    epoch: int,
+    start_step: int = 0,
+    stop_requested: Callable[[], bool] = lambda: False,
+    progress=None,
+    check_every: int = 20,
+) -> dict[str, float]:
+    """Train over ``loader`` from ``start_step`` on; returns mean losses and throughput.
+
+    Raises :class:`StopRequested` after the step during which ``stop_requested()`` became true (on any rank),
+    and :class:`NonFiniteLoss` when the loss is NaN or infinite.
+    """
+    model = ctx.model
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    images_seen = 0
+    t0 = time.perf_counter()
+    step = start_step - 1
+    for step, batch in enumerate(loader):
+        if step < start_step:  # resuming inside an epoch: the order is fixed by (seed, epoch), skip what was done
+            continue
+        images, labels = prepare_batch(
+            batch[0], batch[1], ctx.device, train=True, channels_last=ctx.channels_last,
+            generator=_jitter_generator(ctx, epoch, step),
+        )
+        with autocast_context(ctx.device, ctx.amp_dtype):
+            loss, parts = ctx.objective(model, images, labels)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            loss.backward()
+            ctx.optimizer.step()
+        ctx.scheduler.step()
+
+        for name, value in {"loss": loss.detach(), **parts}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        count += 1
+        images_seen += images.shape[0]
+        last = step == len(loader) - 1 if hasattr(loader, "__len__") else False
+        if count % check_every == 0 or last:
+            # One host sync every few steps, not every step: enough to stop before a NaN reaches a checkpoint.
+            if not math.isfinite(float(sums["loss"])):
+                raise NonFiniteLoss(
+                    f"training loss became {float(sums['loss'])} at epoch {epoch + 1} step {step + 1}; "
+                    "lower --lr or use --amp bf16/off; the last good checkpoint is kept"
+                )
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            progress.update(
+                loss=float(loss.detach()) if (count % check_every == 0 or last) else None,
+                lr=ctx.optimizer.param_groups[0]["lr"],
+                images_per_s=images_seen * ctx.world_size / max(elapsed, 1e-9),
+            )
+        if dist_utils.broadcast_flag(stop_requested(), ctx.device):
+            raise StopRequested(step + 1)
+
+    elapsed = time.perf_counter() - t0
+    means = {name: dist_utils.all_reduce_mean(float(v) / max(count, 1), ctx.device) for name, v in sums.items()}
+    if count and not math.isfinite(means["loss"]):
+        raise NonFiniteLoss(f"training loss became {means['loss']} in epoch {epoch + 1}; lower --lr")
+    means["images_per_s"] = images_seen * ctx.world_size / max(elapsed, 1e-9)
+    means["epoch_time_s"] = elapsed
+    return means
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int = NUM_CLASSES,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    on_batch: Callable | None = None,
+) -> dict:
+    """Validation over the whole split: loss and the metrics of one confusion matrix (all-reduced).
+
+    Logits are upsampled to the labels' size, so full-resolution labels give the Cityscapes convention.
+    ``on_batch(indices, predictions, images, labels)`` sees every batch (saving predictions, logging images).
+    """
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    valid = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in loader:
+        images, labels = prepare_batch(batch[0], batch[1], device, train=False, channels_last=channels_last)
+        with autocast_context(device, amp_dtype):
+            logits = model(images)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logits = logits.float()
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double()
+        valid += (labels != IGNORE_INDEX).sum()
+        preds = logits.argmax(1)
+        cm.update(labels, preds)
+        if on_batch is not None:
+            on_batch(batch[2] if len(batch) > 2 else None, preds, images, labels)
+    cm.all_reduce()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(valid)
+    metrics = cm.compute()
+    metrics["loss"] = float(loss_sum / valid.clamp(min=1))
+    return metrics
