@@ -1,0 +1,87 @@
+"""Every architecture the trainers can build, behind one call: ``build_model(arch, ...)``.
+
+All of them take a normalised N×3×H×W batch and return N×classes×H×W logits. In training mode, a model built
+with ``aux=True`` returns ``(main, aux)`` instead, both N×classes×H×W, for the auxiliary loss.
+
+* ``fast_scnn``: the student (``fast_scnn.FastSCNN``); the only one ``width_mult`` applies to.
+* torchvision's segmentation models, e.g. as larger teachers, built from scratch (``weights=None,
+  weights_backbone=None``: nothing is downloaded). ``aux=True`` adds torchvision's auxiliary classifier where
+  the architecture has one (DeepLabV3, FCN); LR-ASPP has none, so asking for it is a UserError rather than a
+  silently missing loss term. Their ``state_dict`` keys are torchvision's own (``backbone.*``,
+  ``classifier.*``, ``aux_classifier.*``), so torchvision-format weights load into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import segmentation as tv_segmentation
+
+from fast_scnn import FastSCNN
+from fastseg.errors import UserError
+
+# torchvision builder and whether it has an auxiliary classifier.
+_TORCHVISION: dict[str, tuple[Callable[..., nn.Module], bool]] = {
+    "deeplabv3_mobilenet_v3_large": (tv_segmentation.deeplabv3_mobilenet_v3_large, True),
+    "lraspp_mobilenet_v3_large": (tv_segmentation.lraspp_mobilenet_v3_large, False),
+    "deeplabv3_resnet50": (tv_segmentation.deeplabv3_resnet50, True),
+    "fcn_resnet50": (tv_segmentation.fcn_resnet50, True),
+}
+
+ARCHS: tuple[str, ...] = ("fast_scnn", *_TORCHVISION)
+
+
+class TorchvisionSegmenter(nn.Module):
+    """A torchvision segmentation model that returns the logits tensor instead of a dict.
+
+    Holds torchvision's own ``backbone``/``classifier``/``aux_classifier`` as direct children (same state_dict
+    keys as the torchvision model) and runs the auxiliary classifier only in training, where its output is
+    used; torchvision runs it in eval mode too, which would inflate the measured inference cost.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = model.backbone
+        self.classifier = model.classifier
+        self.aux_classifier = getattr(model, "aux_classifier", None)
+        # LR-ASPP's head reads two backbone levels and takes the whole feature dict; the others take "out".
+        self.head_takes_dict = isinstance(model, tv_segmentation.LRASPP)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        out = self.classifier(features if self.head_takes_dict else features["out"])
+        # align_corners=False: how torchvision's models were designed and trained.
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        if self.training and self.aux_classifier is not None:
+            aux = F.interpolate(
+                self.aux_classifier(features["aux"]), size=size, mode="bilinear", align_corners=False
+            )
+            return out, aux
+        return out
+
+
+def build_model(
+    arch: str = "fast_scnn", num_classes: int = 19, aux: bool = False, width_mult: float = 1.0
+) -> nn.Module:
+    """Build ``arch`` with freshly initialised weights (see the module docstring for what each returns)."""
+    if arch not in ARCHS:
+        raise UserError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if num_classes < 1:
+        raise UserError(f"--num-classes: must be at least 1, got {num_classes}")
+    if arch == "fast_scnn":
+        if width_mult <= 0:
+            raise UserError(f"--width-mult: must be positive, got {width_mult}")
+        return FastSCNN(num_classes=num_classes, aux=aux, width_mult=width_mult)
+    if width_mult != 1.0:
+        raise UserError(f"--width-mult: only fast_scnn can be scaled; use 1.0 with --arch {arch}")
+    builder, has_aux = _TORCHVISION[arch]
+    if aux and not has_aux:
+        with_aux = ", ".join(name for name, (_, a) in _TORCHVISION.items() if a)
+        raise UserError(f"--aux: {arch} has no auxiliary head; drop --aux or use fast_scnn, {with_aux}")
+    kwargs = {"aux_loss": aux} if has_aux else {}
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    return TorchvisionSegmenter(model)
