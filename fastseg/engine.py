@@ -120,13 +120,12 @@ def train_one_epoch(
         count += 1
         images_seen += images.shape[0]
         last = step == len(loader) - 1 if hasattr(loader, "__len__") else False
-        if count % check_every == 0 or last:
-            # One host sync every few steps, not every step: enough to stop before a NaN reaches a checkpoint.
-            if not math.isfinite(float(sums["loss"])):
-                raise NonFiniteLoss(
-                    f"training loss became {float(sums['loss'])} at epoch {epoch + 1} step {step + 1}; "
-                    "lower --lr or use --amp bf16/off; the last good checkpoint is kept"
-                )
+        # One host sync every few steps, not every step: enough to stop before a NaN reaches a checkpoint.
+        if (count % check_every == 0 or last) and not math.isfinite(float(sums["loss"])):
+            raise NonFiniteLoss(
+                f"training loss became {float(sums['loss'])} at epoch {epoch + 1} step {step + 1}; "
+                "lower --lr or use --amp bf16/off; the last good checkpoint is kept"
+            )
         if progress is not None:
             elapsed = time.perf_counter() - t0
             progress.update(
