@@ -60,7 +60,9 @@ def count_flops(model: nn.Module, input_hw: tuple[int, int], in_channels: int = 
     was_training = model.training
     model.eval()
     try:
-        counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(_BATCHNORM_OPS, _batchnorm_flops))
+        counter = FlopCounterMode(
+            display=False, custom_mapping=dict.fromkeys(_BATCHNORM_OPS, _batchnorm_flops)
+        )
         with torch.no_grad(), counter:
             model(x)
     finally:
