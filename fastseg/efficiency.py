@@ -535,7 +535,7 @@ def export_onnx(
             use_dynamo = True
         except ImportError:
             use_dynamo = False
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _exportable_adaptive_pooling(not use_dynamo):
             # The TorchScript exporter announces its deprecation on every call.
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -554,6 +554,48 @@ def export_onnx(
             os.unlink(tmp)
         raise
     return path
+
+
+def _averaging_matrix(size: int, bins: int) -> torch.Tensor:
+    """``bins × size`` matrix whose rows average the bins of adaptive average pooling along one axis."""
+    matrix = torch.zeros(bins, size)
+    for i in range(bins):
+        start = (i * size) // bins
+        end = -(-(i + 1) * size // bins)  # ceil division, as ATen computes the bin edges
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+@contextlib.contextmanager
+def _exportable_adaptive_pooling(active: bool = True):
+    """Within the block, ``F.adaptive_avg_pool2d`` to bins that do not divide the input becomes two
+    matrix products with constant averaging matrices, which the TorchScript ONNX exporter can express.
+
+    The input size is fixed at export, so the result is exact; Fast-SCNN's pyramid pooling (6×6 bins on
+    a 9×18 map at profile 1) needs it.
+    """
+    if not active:
+        yield
+        return
+    original = F.adaptive_avg_pool2d
+
+    def pooled(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+        height, width = (int(v) for v in x.shape[-2:])
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        bins_h = height if output_size[0] is None else int(output_size[0])
+        bins_w = width if output_size[1] is None else int(output_size[1])
+        if height % bins_h == 0 and width % bins_w == 0:
+            return original(x, (bins_h, bins_w))
+        rows = _averaging_matrix(height, bins_h).to(x)
+        cols = _averaging_matrix(width, bins_w).to(x)
+        return torch.matmul(torch.matmul(rows, x), cols.t())
+
+    F.adaptive_avg_pool2d = pooled
+    try:
+        yield
+    finally:
+        F.adaptive_avg_pool2d = original
 
 
 class _LogitsOnly(nn.Module):
