@@ -18,6 +18,7 @@ what folding saves at inference.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -51,28 +52,43 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    # Parameters and buffers without storage: the counter needs shapes only, so a 2048×1024 pass takes
+    # milliseconds and no memory, and the caller's model (maybe on a GPU) is not duplicated.
+    memo: dict[int, object] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _count(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(_BATCHNORM_OPS, _batchnorm_flops))
+    with torch.no_grad(), counter:
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
 def count_flops(model: nn.Module, input_hw: tuple[int, int], in_channels: int = 3) -> int:
-    """FLOPs (2 × :func:`count_macs`) of one forward pass on a 1×in_channels×H×W input."""
+    """FLOPs (2 × :func:`count_macs`) of one eval-mode forward pass on a 1×in_channels×H×W input."""
     param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    x = torch.zeros(1, in_channels, *input_hw, device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
     try:
-        counter = FlopCounterMode(
-            display=False, custom_mapping=dict.fromkeys(_BATCHNORM_OPS, _batchnorm_flops)
-        )
-        with torch.no_grad(), counter:
-            model(x)
+        return _count(_meta_copy(model), torch.zeros(1, in_channels, *input_hw, device="meta", dtype=dtype))
+    except (NotImplementedError, RuntimeError):
+        pass  # an op without a meta kernel: count on the real device instead
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        return _count(model, torch.zeros(1, in_channels, *input_hw, device=device, dtype=dtype))
     finally:
         model.train(was_training)
-    return counter.get_total_flops()
 
 
 def count_macs(model: nn.Module, input_hw: tuple[int, int], in_channels: int = 3) -> int:
     """Multiply-accumulates of one eval-mode forward pass on a 1×in_channels×H×W input (see module docstring).
 
-    ``input_hw`` is (height, width). The model's train/eval mode is restored afterwards.
+    ``input_hw`` is (height, width). The model is left as it was: the count runs on a storage-less copy.
     """
     return count_flops(model, input_hw, in_channels) // 2
