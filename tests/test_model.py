@@ -1,0 +1,208 @@
+"""Fast-SCNN (checkpoint layout, reference output, any input size, aux, folding), MAC counts, build_model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fast_scnn import FastSCNN, Model, fold_batchnorm, scaled_channels
+from fastseg.checkpoint import load_weights
+from fastseg.errors import UserError
+from fastseg.flops import count_macs, count_params
+from fastseg.models import ARCHS, build_model
+
+DATA = Path(__file__).parent / "data"
+
+# GMACs that thop reports for the default Fast-SCNN at the five curriculum resize resolutions (W, H).
+THOP_GMACS = {(576, 288): 0.565, (768, 384): 1.00, (1024, 512): 1.79, (1536, 768): 4.02, (2048, 1024): 7.14}
+
+
+def reference_layout(aux: bool) -> dict[str, list[int]]:
+    layout = {}
+    for line in (DATA / "fast_scnn_state_dict.tsv").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape, *flags = line.split("\t")
+        if "aux" in flags and not aux:
+            continue
+        layout[name] = [int(n) for n in shape.strip("[]").split(",") if n.strip()]
+    return layout
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(DATA / "fast_scnn_reference.pt", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_state_dict_layout_matches_published_checkpoints(aux):
+    layout = {k: list(v.shape) for k, v in FastSCNN(aux=aux).state_dict().items()}
+    expected = reference_layout(aux)
+    assert list(layout) == list(expected)
+    assert layout == expected
+
+
+def test_model_alias_and_parameter_count():
+    assert Model is FastSCNN
+    assert count_params(FastSCNN()) == 1_138_051
+
+
+def test_reproduces_reference_output(reference):
+    model = FastSCNN().eval()
+    model.load_state_dict(reference["state_dict"], strict=True)
+    with torch.no_grad():
+        out = model(reference["input"])
+    assert out.shape == (1, 19, *reference["input"].shape[-2:])
+    stride = reference["output_stride"]
+    torch.testing.assert_close(out[:, :, ::stride, ::stride], reference["output_strided"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(1024, 2048), (288, 576), (333, 517), (97, 131)])
+def test_output_is_input_size(hw):
+    with torch.no_grad():
+        out = FastSCNN().eval()(torch.randn(1, 3, *hw))
+    assert out.shape == (1, 19, *hw)
+    assert torch.isfinite(out).all()
+
+
+def test_aux_output_only_in_training():
+    model = FastSCNN(num_classes=5, aux=True)
+    x = torch.randn(2, 3, 97, 131)
+    main, aux = model.train()(x)
+    assert main.shape == aux.shape == (2, 5, 97, 131)
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 97, 131)
+    # Without the head, training mode returns the logits alone.
+    assert isinstance(FastSCNN(num_classes=5).train()(x), torch.Tensor)
+
+
+def randomise_batchnorm(model):
+    # Fresh BNs are identities (mean 0, var 1, weight 1, bias 0): folding them would prove nothing.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+def test_folded_model_equals_eval_model():
+    model = FastSCNN(aux=True).train()
+    randomise_batchnorm(model)
+    folded = fold_batchnorm(model)
+    assert model.training, "the original must be left untouched"
+    assert not folded.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=0)
+
+
+def test_channels_last_matches_contiguous():
+    model = FastSCNN().eval()
+    randomise_batchnorm(model)
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        expected = model(x)
+        out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = FastSCNN(num_classes=4, aux=True).train()
+    main, aux = model(torch.randn(2, 3, 64, 96))
+    (main.square().mean() + aux.square().mean()).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_loading_another_class_count_names_the_keys():
+    state = FastSCNN(num_classes=19).state_dict()
+    with pytest.raises(RuntimeError, match=r"classifier\.conv\.1\.weight"):
+        FastSCNN(num_classes=7).load_state_dict(state, strict=True)
+    with pytest.raises(UserError) as info:
+        load_weights(FastSCNN(num_classes=7), {"model": state})
+    assert "classifier.conv.1.weight" in str(info.value) and "classifier.conv.1.bias" in str(info.value)
+
+
+@pytest.mark.parametrize("width_mult", [0.5, 2.0])
+def test_width_mult_scales_channels(width_mult):
+    model = FastSCNN(width_mult=width_mult, aux=True).eval()
+    first = model.learning_to_downsample.conv.conv[0]
+    assert first.out_channels == int(32 * width_mult)
+    ratio = count_params(model) / count_params(FastSCNN(aux=True))
+    assert (ratio > 3) if width_mult > 1 else (ratio < 0.5)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 97, 131)).shape == (1, 19, 97, 131)
+
+
+def test_scaled_channels_rounds_to_multiples_of_eight():
+    assert [scaled_channels(c, 1.0) for c in (32, 48, 64, 96, 128)] == [32, 48, 64, 96, 128]
+    for mult in (0.3, 0.6, 0.75, 1.3):
+        for c in (32, 48, 64, 96, 128):
+            got = scaled_channels(c, mult)
+            assert got % 8 == 0 and got >= 0.9 * c * mult
+
+
+@pytest.mark.parametrize(("wh", "thop_gmacs"), THOP_GMACS.items())
+def test_macs_agree_with_thop(wh, thop_gmacs):
+    macs = count_macs(FastSCNN(), (wh[1], wh[0]))
+    assert macs / 1e9 == pytest.approx(thop_gmacs, rel=0.02)
+
+
+def test_folding_removes_the_batchnorm_macs():
+    model = FastSCNN()
+    macs, folded = count_macs(model, (288, 576)), count_macs(fold_batchnorm(model), (288, 576))
+    assert 0.9 * macs < folded < 0.97 * macs
+    assert model.training, "counting must not switch the model to eval mode"
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "fast_scnn"])
+def test_build_torchvision_arch_returns_logits(arch):
+    model = build_model(arch, num_classes=19).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 19, 64, 64)
+
+
+def test_build_torchvision_aux_only_in_training():
+    model = build_model("deeplabv3_mobilenet_v3_large", num_classes=3, aux=True)
+    main, aux = model.train()(torch.randn(2, 3, 64, 64))
+    assert main.shape == aux.shape == (2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_build_fast_scnn_options():
+    model = build_model("fast_scnn", num_classes=5, aux=True, width_mult=0.5)
+    assert isinstance(model, FastSCNN) and model.aux and model.width_mult == 0.5
+    assert model.classifier.conv[1].out_channels == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"arch": "unet"}, "--arch"),
+        ({"arch": "lraspp_mobilenet_v3_large", "aux": True}, "--aux"),
+        ({"arch": "fcn_resnet50", "width_mult": 0.5}, "--width-mult"),
+        ({"arch": "fast_scnn", "width_mult": 0.0}, "--width-mult"),
+    ],
+)
+def test_build_model_rejects_bad_options(kwargs, flag):
+    with pytest.raises(UserError, match=flag):
+        build_model(**kwargs)
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(UserError) as info:
+        build_model("unet")
+    assert all(arch in str(info.value) for arch in ARCHS)
