@@ -143,6 +143,7 @@ class LearningToDownsample(nn.Module):
 
     def __init__(self, in_channels: int, channels1: int, channels2: int, out_channels: int):
         super().__init__()
+        # Unpadded, as the checkpoints were trained: padding=1 would shift every later feature by half a pixel.
         self.conv = ConvBNReLU(in_channels, channels1, 3, stride=2, padding=0)
         self.dsconv1 = DepthwiseSeparableConv(channels1, channels2, stride=2)
         self.dsconv2 = DepthwiseSeparableConv(channels2, out_channels, stride=2)
@@ -224,6 +225,10 @@ class FastSCNN(nn.Module):
             ``(main, aux)``, both N×classes×H×W. In eval mode, and always without ``aux``, it returns the logits.
         width_mult: scales every channel width (rounded to multiples of 8), e.g. 0.5 for a smaller student,
             2.0 for a wider teacher. 1.0 is the layout of the published checkpoints (~1.14 M parameters).
+
+    Inputs need at least 3 pixels per side (the first convolution is unpadded, as in the published layout;
+    padding it would change the trained checkpoints' outputs). Training needs a batch of at least 2: the
+    1×1 pyramid-pooling bin leaves BatchNorm a single value per channel otherwise.
     """
 
     def __init__(
@@ -301,7 +306,8 @@ def _summary() -> None:
 
     model = FastSCNN()
     print(f"Fast-SCNN (19 classes): {count_params(model):,} parameters")
-    print("MACs = multiply-accumulates; FLOPs = 2 × MACs (one multiply + one add), batch 1, eval mode")
+    print("Per 1×3×H×W image in eval mode. MACs = multiply-accumulates (convolutions, plus BatchNorm counted")
+    print("as thop does; see fastseg/flops.py); FLOPs = 2 × MACs (one multiply and one add each).")
     print(f"{'profile':>7}  {'input W×H':>10}  {'GMACs':>7}  {'GFLOPs':>7}")
     for index, profile in sorted(PROFILES.items()):
         width, height = profile.resize
