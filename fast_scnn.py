@@ -7,12 +7,12 @@
     python fast_scnn.py                  # parameters, MACs and FLOPs at the five curriculum resolutions
 
 The module names and shapes follow the widely used public PyTorch layout, so the checkpoints trained with it
-load with ``load_state_dict(strict=True)``. Two things differ from that layout's behaviour, neither of which
-changes its output on inputs whose sides are multiples of 32:
+load with ``load_state_dict(strict=True)``, and the logits equal that implementation's. Two things differ:
 
 * the fusion module upsamples the 1/32 branch to the 1/8 branch's actual size instead of by a fixed factor 4,
-  so any input size works;
-* every output is upsampled to the input's size (align_corners=True), so the logits are always N×C×H×W.
+  so any input size works, not only multiples of 32 (for those the result is the same);
+* ``forward`` returns the logits tensor, N×C×H×W like the input, rather than a tuple; with the auxiliary
+  head it returns ``(main, aux)`` in training mode only, where the auxiliary loss needs it.
 
 This file depends on torch only, so it can be copied on its own into another project.
 """
