@@ -43,6 +43,7 @@ checkpoint's name appended.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint(s): several paths and/or globs such as 'checkpoints/*/profile-*/best.pth'",
     )
     p.add_argument("--data-dir", default="data/cityscapes", help="Cityscapes root (leftImg8bit/ and gtFine/)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where pre-resized copies of the val split are kept (default: beside the data, or ~/.cache)",
+    )
     p.add_argument(
         "--profile",
         type=int,
@@ -153,28 +159,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_profile(args: argparse.Namespace, config: dict[str, Any], path: Path):
-    """The profile to evaluate at: --profile, else the checkpoint's own."""
+    """The profile to evaluate at: --profile, else the checkpoint's own (with its stored resize, which a
+    stage trained with --resize changed)."""
     from fastseg.data import get_profile
 
-    index = args.profile if args.profile is not None else config.get("profile")
-    if index is None:
+    if args.profile is not None:
+        return get_profile(args.profile)
+    if config.get("profile") is None:
         raise UserError(
             f"--profile: {path} is a plain state_dict with no stored profile; "
             "pass --profile K (1-5) with the profile it was trained at"
         )
-    return get_profile(int(index))
+    profile = get_profile(int(config["profile"]))
+    if config.get("resize"):
+        profile = dataclasses.replace(profile, resize=tuple(int(v) for v in config["resize"]))
+    return profile
 
 
 def accuracy(model, args, profile, device, prediction_dir, overlay_dir) -> dict[str, Any]:
     from fastseg.data import NUM_CLASSES, SegmentationDataset, build_loader
 
     data_dir = Path(args.data_dir)
-    if not data_dir.is_dir():
-        raise UserError(
-            f"--data-dir: {data_dir} is not a directory; give the Cityscapes root or use --skip-accuracy"
-        )
     dataset = SegmentationDataset(
-        data_dir, "val", profile, train=False, label_resolution=args.label_resolution
+        data_dir,
+        "val",
+        profile,
+        train=False,
+        cache_dir=args.cache_dir,
+        label_resolution=args.label_resolution,
     )
     if len(dataset) == 0:
         raise UserError(
