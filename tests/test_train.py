@@ -1,0 +1,202 @@
+"""train.py end to end on tiny synthetic data: learning, chaining, exact resume, signals, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY_ARGS
+
+import train
+from fastseg.checkpoint import atomic_save, load_checkpoint, load_model
+from fastseg.engine import NonFiniteLoss
+from fastseg.errors import UserError
+from fastseg.stage import REQUEUE_EXIT_CODE, run_stage
+
+
+def argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY_ARGS, "--data-dir", str(data), "--output-dir", str(out), "--experiment-id", "t", *extra]
+
+
+def records(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def with_hook(hook):
+    """train.py's objective, with ``hook(call_index, loss)`` seeing every training step."""
+    calls = {"n": 0}
+
+    def build(cfg, device, model):
+        objective = train.build_objective(cfg, device, model)
+
+        def wrapped(m, images, labels):
+            loss, parts = objective(m, images, labels)
+            calls["n"] += 1
+            return hook(calls["n"], loss), parts
+
+        return wrapped
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def stage1(synthetic_root, tmp_path_factory) -> Path:
+    """Profile 1 trained for a few epochs; shared by the tests that need a trained stage."""
+    out = tmp_path_factory.mktemp("runs")
+    code = train.main(argv(synthetic_root, out, "--epochs", "6", "--lr", "5e-3", "--previous-model-path", "none"))
+    assert code == 0
+    return out
+
+
+def test_stage_learns_and_writes_its_files(stage1):
+    stage = stage1 / "t" / "profile-1"
+    assert {p.name for p in stage.iterdir()} >= {"best.pth", "last.pth", "metrics.jsonl", "config.json"}
+    recs = records(stage)
+    assert [r["epoch"] for r in recs] == list(range(1, 7))
+    for key in ("train_loss", "val_loss", "val_miou", "val_dice", "lr", "images_per_s", "val_per_class_iou"):
+        assert key in recs[0], key
+    assert all(0.0 <= r["val_miou"] <= 1.0 for r in recs)
+    # Chance for 19 classes is a few percent; a model that learned the scenes' layout is far above it.
+    assert max(r["val_miou"] for r in recs) > 0.15
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+    cfg = json.loads((stage / "config.json").read_text())
+    assert cfg["profile"] == 1 and cfg["epochs"] == 6 and cfg["lr"] == 5e-3
+    best = load_checkpoint(stage / "best.pth")
+    assert best["config"]["experiment_id"] == "t"
+    assert best["metrics"]["val_miou"] == max(r["val_miou"] for r in recs)
+    model, mcfg = load_model(stage / "best.pth")
+    assert mcfg["arch"] == "fast_scnn" and not model.training
+
+
+def test_finished_stage_is_not_retrained(stage1, synthetic_root, capsys):
+    stage = stage1 / "t" / "profile-1"
+    before = (stage / "last.pth").stat().st_mtime_ns
+    assert train.main(argv(synthetic_root, stage1, "--epochs", "6", "--previous-model-path", "none")) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (stage / "last.pth").stat().st_mtime_ns == before
+
+
+def test_stage_two_starts_from_stage_one_with_auto(stage1, synthetic_root):
+    code = train.main(argv(synthetic_root, stage1, "--profile", "2", "--resize", "128x64", "--patch", "112x56",
+                           "--epochs", "1", "--previous-model-path", "auto"))
+    assert code == 0
+    cfg = json.loads((stage1 / "t" / "profile-2" / "config.json").read_text())
+    assert cfg["previous_model_loaded"] == str(stage1 / "t" / "profile-1" / "best.pth")
+    first = records(stage1 / "t" / "profile-1")[0]
+    # Started from trained weights, its first epoch already beats stage 1's first epoch.
+    assert records(stage1 / "t" / "profile-2")[0]["val_miou"] > first["val_miou"]
+
+
+def test_previous_model_from_a_higher_profile_warns(stage1, synthetic_root, tmp_path, capsys):
+    # Stage 1's best as the start of another run's profile 1 is fine; its profile-2 checkpoint is not.
+    higher = stage1 / "t" / "profile-2" / "best.pth"
+    if not higher.exists():
+        pytest.skip("needs the profile-2 checkpoint of test_stage_two_starts_from_stage_one_with_auto")
+    assert train.main(argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-model-path", str(higher))) == 0
+    assert "curriculum normally goes up" in capsys.readouterr().out
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic_root, tmp_path):
+    common = ["--epochs", "2", "--previous-model-path", "none", "--seed", "3"]
+    straight = tmp_path / "straight"
+    assert train.main(argv(synthetic_root, straight, *common)) == 0
+
+    def stop_at_step_two(n, loss):
+        if n == 2:  # a real signal, as Slurm sends it before the time limit
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss
+
+    broken = tmp_path / "broken"
+    cfg = train.parse_config(argv(synthetic_root, broken, *common))
+    assert run_stage(cfg, with_hook(stop_at_step_two)) == REQUEUE_EXIT_CODE
+    saved = load_checkpoint(broken / "t" / "profile-1" / "last.pth")
+    assert (saved["epoch"], saved["step"]) == (0, 2)
+    assert not (broken / "t" / "profile-1" / "metrics.jsonl").exists()
+
+    assert train.main(argv(synthetic_root, broken, *common)) == 0  # --resume auto is the default
+    a = load_checkpoint(straight / "t" / "profile-1" / "last.pth")["model"]
+    b = load_checkpoint(broken / "t" / "profile-1" / "last.pth")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["epoch"] for r in records(broken / "t" / "profile-1")] == [1, 2]
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
+    cfg = train.parse_config(argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none"))
+    steps_per_epoch = 12 // 4
+
+    def poison_second_epoch(n, loss):
+        return loss * float("nan") if n > steps_per_epoch else loss
+
+    with pytest.raises(NonFiniteLoss, match="--lr"):
+        run_stage(cfg, with_hook(poison_second_epoch))
+    last = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--previous-model-path", "nowhere.pth"], "--previous-model-path: nowhere.pth: no such file"),
+        (["--patch", "160x48"], "--patch"),
+        (["--profile", "3", "--previous-model-path", "auto"], "train profile 2"),
+        (["--device", "cuda"], "--device"),
+    ],
+)
+def test_bad_input_names_the_flag(synthetic_root, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):  # later flags win, as on the command line
+        train.main(argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-model-path", "none", *extra))
+
+
+def test_checkpoint_of_another_class_count_or_corrupt_file_is_refused(synthetic_root, tmp_path):
+    from fast_scnn import FastSCNN
+
+    wrong = tmp_path / "eight_classes.pth"
+    torch.save(FastSCNN(num_classes=8).state_dict(), wrong)
+    with pytest.raises(UserError, match=r"classifier\.conv\.1\.weight"):
+        train.main(argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-model-path", str(wrong)))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        train.main(argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-model-path", str(corrupt)))
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--data-dir", str(tmp_path / "missing"), "--device", "cpu",
+         "--wandb", "disabled", "--previous-model-path", "none", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0], result.stderr
+    assert not list(tmp_path.glob("**/*.pth"))
+
+
+def test_a_kill_during_save_leaves_the_previous_file_loadable(tmp_path):
+    target = tmp_path / "last.pth"
+    atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 1}, target)
+    # A child saves a large checkpoint over and over; it is killed mid-write, at a random point.
+    code = (
+        "import sys, torch; from fastseg.checkpoint import atomic_save\n"
+        "big = {'model': {'w': torch.randn(4_000_000)}, 'epoch': 2}\n"
+        "print('ready', flush=True)\n"
+        "while True: atomic_save(big, sys.argv[1])\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    for _ in range(200):  # wait until at least one temp file is being written, then kill
+        if list(tmp_path.glob(".last.pth.*")):
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    ckpt = load_checkpoint(target)
+    assert ckpt["epoch"] in (1, 2)
