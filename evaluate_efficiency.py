@@ -227,14 +227,13 @@ def _per_checkpoint(path: Path | None, several: bool, label: str, suffix: str = 
 
 
 def evaluate_checkpoint(
-    path: Path, args: argparse.Namespace, device: torch.device, several: bool
+    path: Path, label: str, args: argparse.Namespace, device: torch.device, several: bool
 ) -> dict[str, Any]:
     from fastseg.checkpoint import load_model
     from fastseg.flops import count_macs, count_params
 
     model, config = load_model(path, device, flag="--current-model-path")
     profile = resolve_profile(args, config, path)
-    label = eff.checkpoint_label(path)
     input_hw = tuple(profile.resize_hw)
     row: dict[str, Any] = dict.fromkeys(eff.RESULT_KEYS)
     row.update(
@@ -323,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = eff.expand_checkpoint_paths(args.current_model_path)
     several = len(paths) > 1
 
-    results = [evaluate_checkpoint(path, args, device, several) for path in paths]
+    labels = eff.checkpoint_labels(paths)
+    results = [evaluate_checkpoint(path, label, args, device, several) for path, label in zip(paths, labels)]
 
     method = eff.describe_method(
         device=device,

@@ -98,10 +98,32 @@ def expand_checkpoint_paths(patterns: Iterable[str], flag: str = "--current-mode
     return [Path(p) for p in unique]
 
 
-def checkpoint_label(path: str | os.PathLike) -> str:
-    """A short name for a report row: the last three path parts, e.g. ``exp/profile-2/best.pth``."""
-    parts = Path(path).parts
-    return "/".join(parts[-3:])
+def checkpoint_label(path: str | os.PathLike, parts: int | None = None) -> str:
+    """A short name for a report row: ``<experiment>/profile-<k>/best.pth`` for a trainer's checkpoint,
+    the file name otherwise, or the last ``parts`` path components when given."""
+    path = Path(path)
+    if parts is None:
+        parts = 3 if path.parent.name.startswith("profile-") else 1
+    return "/".join(path.parts[-parts:])
+
+
+def checkpoint_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """:func:`checkpoint_label` of each path, lengthened where two would read the same."""
+    labels = [checkpoint_label(p) for p in paths]
+    depth = [len(label.split("/")) for label in labels]
+    while len(set(labels)) < len(labels):
+        seen: dict[str, int] = {}
+        for label in labels:
+            seen[label] = seen.get(label, 0) + 1
+        grown = False
+        for i, path in enumerate(paths):
+            if seen[labels[i]] > 1 and depth[i] < len(Path(path).parts):
+                depth[i] += 1
+                labels[i] = checkpoint_label(path, depth[i])
+                grown = True
+        if not grown:
+            break
+    return labels
 
 
 def is_distilled(config: dict[str, Any]) -> bool:
@@ -716,7 +738,7 @@ def describe_method(
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return format(value * scale, spec)
 

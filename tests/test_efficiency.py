@@ -1,0 +1,343 @@
+"""The efficiency tool: its mIoU is the official Cityscapes evaluation's on its own saved predictions, its cost
+figures are flops.py's, its report holds every key, row and plot, and bad input ends in one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import evaluate_efficiency
+from fastseg import efficiency as eff
+from fastseg.data import CLASS_NAMES, TRAIN_ID_TO_ID
+from fastseg.errors import UserError
+from fastseg.flops import count_macs, count_params
+from fastseg.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
+TINY_RESIZE = [128, 64]
+QUICK_SPEED = ["--runs", "3", "--warmup", "1", "--throughput-batch", "2"]
+
+
+def _fast_scnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("fast_scnn")
+    # An untrained head gives nearly flat logits; sharper ones make the predictions vary over classes and
+    # pixels, so that the comparison with the official evaluation covers many confusion-matrix cells.
+    with torch.no_grad():
+        model.classifier.conv[-1].weight.mul_(200)
+    return model.eval()
+
+
+def _save(path: Path, model: nn.Module, **config) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = {"arch": "fast_scnn", "num_classes": 19, "width_mult": 1.0, "aux": False, "profile": 1}
+    torch.save({"model": model.state_dict(), "config": {**base, **config}, "epoch": 1, "metrics": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    """A curriculum-like tree: a teacher and a distilled student at profile 1, plus an older plain state_dict."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    _save(
+        root / "baseline" / "profile-1" / "best.pth",
+        _fast_scnn(0),
+        experiment_id="baseline",
+        resize=TINY_RESIZE,
+    )
+    _save(
+        root / "kd" / "profile-1" / "best.pth",
+        _fast_scnn(1),
+        experiment_id="kd",
+        resize=TINY_RESIZE,
+        teacher="baseline/profile-1/best.pth",
+    )
+    torch.save(_fast_scnn(2).state_dict(), root / "plain.pth")
+    return root
+
+
+def _run(capsys, *argv: str) -> tuple[dict, str]:
+    """Run the tool in-process; return the JSON report and stdout."""
+    assert evaluate_efficiency.main([*argv, "--device", "cpu", "--num-workers", "0"]) == 0
+    out = capsys.readouterr().out
+    output = Path(argv[list(argv).index("--output") + 1])
+    return json.loads(output.read_text()), out
+
+
+def _official_evaluation(predictions: list[str], ground_truth: list[str], tmp_path: Path) -> dict:
+    cs = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    args = cs.args
+    args.evalInstLevelScore = False  # instance scores need *_instanceIds.png, which are not scored here
+    args.evalPixelAccuracy = False
+    args.JSONOutput = False
+    args.exportFile = str(tmp_path / "official.json")
+    args.quiet = True
+    args.colorized = False
+    return cs.evaluateImgLists(predictions, ground_truth, args)
+
+
+def test_miou_equals_official_cityscapes_evaluation(synthetic_root, checkpoints, tmp_path, capsys):
+    pred_dir, overlay_dir = tmp_path / "pred", tmp_path / "overlays"
+    report, _ = _run(
+        capsys,
+        *(
+            "--data-dir",
+            str(synthetic_root),
+            "--current-model-path",
+            str(checkpoints / "baseline/profile-1/best.pth"),
+        ),
+        *("--skip-speed", "--output", str(tmp_path / "r.json"), "--batch-size", "3"),
+        *("--save-predictions", str(pred_dir), "--save-overlays", str(overlay_dir)),
+    )
+    (row,) = report["results"]
+    ground_truth = sorted((synthetic_root / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    assert len(ground_truth) == 4
+    predictions = []
+    for gt in ground_truth:
+        name = gt.name.replace("_gtFine_labelIds.png", "")
+        pred = pred_dir / f"{name}_pred_labelIds.png"
+        assert Image.open(pred).size == Image.open(gt).size
+        assert (overlay_dir / f"{name}_overlay.png").is_file()
+        predictions.append(str(pred))
+    saved = np.stack([np.array(Image.open(p)) for p in predictions])
+    # Label ids, not train ids, and several classes: a comparison that could fail.
+    assert set(np.unique(saved)) <= set(TRAIN_ID_TO_ID[:19].tolist())
+    assert len(np.unique(saved)) >= 3
+
+    official = _official_evaluation(predictions, [str(p) for p in ground_truth], tmp_path)
+    assert row["miou"] == pytest.approx(official["averageScoreClasses"], abs=1e-4)
+    for name, iou in zip(CLASS_NAMES, row["per_class_iou"]):
+        theirs = official["classScores"][name]
+        if iou is None:
+            assert math.isnan(theirs), name
+        else:
+            assert iou == pytest.approx(theirs, abs=1e-4), name
+    assert 0 < row["miou"] < 1 and 0 < row["dice"] < 1 and 0 < row["pixel_accuracy"] < 1
+
+
+def test_resized_labels_score_at_profile_size_but_predictions_stay_full_size(
+    synthetic_root, checkpoints, tmp_path, capsys
+):
+    pred_dir = tmp_path / "pred"
+    args = ("--data-dir", str(synthetic_root), "--skip-speed", "--save-predictions", str(pred_dir))
+    report, _ = _run(
+        capsys,
+        *args,
+        *("--current-model-path", str(checkpoints / "plain.pth"), "--profile", "1"),
+        *("--label-resolution", "resized", "--output", str(tmp_path / "r.json")),
+    )
+    (row,) = report["results"]
+    assert row["label_resolution"] == "resized" and row["input_size"] == [288, 576]
+    assert row["miou"] is not None
+    for pred in pred_dir.glob("*_pred_labelIds.png"):
+        name = pred.name.replace("_pred_labelIds.png", "")
+        (gt,) = (synthetic_root / "gtFine" / "val").glob(f"*/{name}_gtFine_labelIds.png")
+        assert Image.open(pred).size == Image.open(gt).size
+    assert len(list(pred_dir.glob("*_pred_labelIds.png"))) == 4
+
+
+def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    report, out = _run(
+        capsys,
+        *(
+            "--data-dir",
+            str(synthetic_root),
+            "--current-model-path",
+            str(checkpoints / "*" / "profile-*" / "best.pth"),
+        ),
+        *("--output", str(tmp_path / "r.json"), "--plots", str(plots), *QUICK_SPEED),
+    )
+    rows = report["results"]
+    assert [r["checkpoint"] for r in rows] == ["baseline/profile-1/best.pth", "kd/profile-1/best.pth"]
+    assert [r["stage"] for r in rows] == ["teacher p1", "student p1"]
+    reference = build_model("fast_scnn").eval()
+    for row in rows:
+        assert set(eff.RESULT_KEYS) <= set(row)
+        assert row["input_size"] == [64, 128] and row["device"] == "cpu" and row["dtype"] == "fp32"
+        assert row["macs"] == count_macs(reference, (64, 128)) and row["flops"] == 2 * row["macs"]
+        assert row["params"] == count_params(reference)
+        assert row["latency_p90_ms"] >= row["latency_ms"] > 0 and row["fps"] > 0
+        assert row["dice_per_gflop"] == pytest.approx(row["dice"] / (row["flops"] / 1e9))
+        assert row["miou_per_gflop"] == pytest.approx(row["miou"] / (row["flops"] / 1e9))
+        assert len(row["per_class_iou"]) == 19 and row["bn_folded"] is True
+    assert "latency" in report["method"] and "FLOPs = 2 × MACs" in report["method"]
+
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    assert "baseline/profile-1/best.pth" in table[2] and "kd/profile-1/best.pth" in table[3]
+    assert report["method"] in out
+
+    names = {p.name for p in plots.glob("*.png")}
+    assert {"accuracy_vs_gflops.png", "accuracy_vs_latency.png"} <= names
+    assert {"per_class_iou_baseline_profile-1_best.png", "per_class_iou_kd_profile-1_best.png"} <= names
+
+
+def test_macs_match_the_published_thop_figure_and_plain_state_dicts_need_a_profile(
+    checkpoints, tmp_path, capsys
+):
+    plain = str(checkpoints / "plain.pth")
+    with pytest.raises(UserError, match="--profile"):
+        evaluate_efficiency.main(["--current-model-path", plain, "--skip-accuracy", "--skip-speed"])
+    report, out = _run(
+        capsys,
+        *("--current-model-path", plain, "--profile", "1", "--skip-accuracy", "--skip-speed"),
+        *("--output", str(tmp_path / "r.json")),
+    )
+    (row,) = report["results"]
+    assert row["macs"] / 1e9 == pytest.approx(0.565, rel=0.02)  # users' thop figure at 576×288
+    assert row["miou"] is None and row["latency_ms"] is None and row["miou_per_gflop"] is None
+    assert "| plain.pth | 1 | 288×576 |" in out
+
+
+def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = tmp_path / "model.onnx"
+    report, _ = _run(
+        capsys,
+        *("--current-model-path", str(checkpoints / "baseline/profile-1/best.pth"), "--skip-accuracy"),
+        *("--skip-speed", "--export-onnx", str(path), "--runs", "2", "--output", str(tmp_path / "r.json")),
+    )
+    (row,) = report["results"]
+    assert row["onnx_path"] == str(path) and row["onnx_latency_ms"] > 0
+    x = torch.randn(1, 3, 64, 128)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (ours,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        expected = _fast_scnn(0)(x).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-3 * np.abs(expected).max())
+
+
+def test_bad_checkpoints_end_in_one_line(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    for argv, match in (
+        ([str(tmp_path / "missing.pth")], "--current-model-path"),
+        ([str(corrupt)], "--current-model-path"),
+        ([str(tmp_path / "*" / "best.pth")], "no file matches"),
+    ):
+        with pytest.raises(UserError, match=match):
+            evaluate_efficiency.main(["--current-model-path", *argv, "--skip-accuracy", "--skip-speed"])
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate_efficiency.py"),
+            "--current-model-path",
+            str(corrupt),
+            "--skip-speed",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.startswith("error: --current-model-path")
+        and len(result.stderr.strip().splitlines()) == 1
+    )
+
+
+def test_empty_val_split_is_a_user_error(checkpoints, tmp_path):
+    (tmp_path / "leftImg8bit" / "val" / "aachen").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        evaluate_efficiency.main(
+            [
+                "--data-dir",
+                str(tmp_path),
+                "--current-model-path",
+                str(checkpoints / "plain.pth"),
+                "--profile",
+                "1",
+            ]
+            + ["--skip-speed", "--device", "cpu", "--num-workers", "0"]
+        )
+
+
+class _HalvesModel(nn.Module):
+    """Predicts train id 0 on the left half of the image and 1 on the right, whatever the pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        logits = torch.zeros(n, 19, h, w)
+        logits[:, 0, :, : w // 2] = 1
+        logits[:, 1, :, w // 2 :] = 1
+        return logits
+
+
+def test_accuracy_on_a_hand_checked_case(tmp_path):
+    # Ground truth (train ids) and the model's prediction on a 2×4 image:
+    #   [[0, 0, 1, 1],        [[0, 0, 1, 1],
+    #    [0, 0, 0, 255]]       [0, 0, 1, 1]]
+    # road: TP 4, FN 1, FP 0 → IoU 4/5, Dice 8/9; sidewalk: TP 2, FP 1 → IoU 2/3, Dice 4/5; 6 of 7 pixels right.
+    label = np.array([[0, 0, 1, 1], [0, 0, 0, 255]], dtype=np.uint8)
+    label_file = tmp_path / "gt.png"
+    Image.fromarray(label).save(label_file)
+    image_file = tmp_path / "image.png"
+    Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(image_file)
+    sample = SimpleNamespace(name="aachen_000000_000019", label=label_file, image=image_file)
+    batch = (torch.zeros(1, 3, 2, 4, dtype=torch.uint8), torch.from_numpy(label)[None], torch.tensor([0]))
+
+    scores = eff.evaluate_accuracy(
+        _HalvesModel(), [batch], torch.device("cpu"), samples=[sample], prediction_dir=tmp_path / "pred"
+    )
+    assert scores["miou"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert scores["dice"] == pytest.approx((8 / 9 + 4 / 5) / 2)
+    assert scores["pixel_accuracy"] == pytest.approx(6 / 7)
+    assert scores["per_class_iou"][:2] == pytest.approx([4 / 5, 2 / 3])
+    assert scores["per_class_iou"][2:] == [None] * 17  # absent classes are left out, not zero
+    saved = np.array(Image.open(tmp_path / "pred" / "aachen_000000_000019_pred_labelIds.png"))
+    np.testing.assert_array_equal(saved, [[7, 7, 8, 8], [7, 7, 8, 8]])  # road and sidewalk label ids
+
+
+def test_checkpoint_paths_expand_globs_in_order_without_repeats(tmp_path):
+    for name in ("b/profile-2/best.pth", "b/profile-1/best.pth", "a/profile-1/best.pth"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    paths = eff.expand_checkpoint_paths(
+        [str(tmp_path / "b/profile-2/best.pth"), str(tmp_path / "**/best.pth")]
+    )
+    labels = [eff.checkpoint_label(p) for p in paths]
+    assert labels == ["b/profile-2/best.pth", "a/profile-1/best.pth", "b/profile-1/best.pth"]
+    # Files outside a trainer's tree go by their name, lengthened only where two would read the same.
+    assert eff.checkpoint_labels(["/m/x/fast.pth", "/m/y/fast.pth", "/m/y/other.pth"]) == [
+        "x/fast.pth",
+        "y/fast.pth",
+        "other.pth",
+    ]
+
+
+def test_report_files_survive_missing_values(tmp_path):
+    row = dict.fromkeys(eff.RESULT_KEYS)
+    row.update(checkpoint="x/profile-3/last.pth", profile=3, input_size=[512, 1024], miou=float("nan"))
+    row.update(eff.cost_fields(1_000_000, 2_000_000_000))
+    row.update(eff.efficiency_scores({**row, "miou": 0.5}))
+    assert row["miou_per_gflop"] == pytest.approx(0.5 / 4.0) and row["dice_per_gflop"] is None
+    table = eff.markdown_table([row])
+    assert "| x/profile-3/last.pth | 3 | 512×1024 | – | – | 1.000 | 2.000 |" in table
+    path = eff.write_json(tmp_path / "out" / "r.json", [row], "method text")
+    loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert loaded["results"][0]["miou"] is None and loaded["method"] == "method text"
+    assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left behind
+
+
+def test_measure_speed_reports_every_figure():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    speed = eff.benchmark_speed(model, (16, 32), torch.device("cpu"), runs=4, warmup=1, throughput_batch=3)
+    fp32 = speed["by_dtype"]["fp32"]
+    assert speed["bn_folded"] is False  # only Fast-SCNN is folded
+    assert fp32["runs"] == 4 and fp32["throughput_batch"] == 3
+    assert fp32["latency_p90_ms"] >= fp32["latency_ms"] >= fp32["latency_min_ms"] > 0
+    assert fp32["peak_memory_kind"] in ("cpu_peak_rss_increase", None)
+    assert model[1].training is False and isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
