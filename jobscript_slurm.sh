@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One curriculum stage of the teacher on Slurm: runs main.sh (edit the settings there).
+#
+#   mkdir -p logs                     # Slurm writes logs/<job name>-<job id>.out; it must exist
+#   sbatch jobscript_slurm.sh                                   # the stage set in main.sh, 1 GPU
+#   sbatch jobscript_slurm.sh --profile 2 --epochs 3            # arguments reach train.py
+#   sbatch --time=4:00:00 jobscript_slurm.sh                    # any #SBATCH line can be overridden
+#   sbatch --gpus-per-node=4 --ntasks-per-node=4 jobscript_slurm.sh            # 4 GPUs, one process each
+#   sbatch --nodes=2 --gpus-per-node=4 --ntasks-per-node=4 jobscript_slurm.sh  # 2 nodes, 8 GPUs
+#   bash submit_curriculum.sh                                 # all stages chained (creates logs/)
+#
+# Submit from the project directory: the job runs there. It uses container.sif through apptainer when that
+# file exists (or $CONTAINER), else .venv, else python3. Five minutes before the time limit (and on
+# preemption) the trainer saves last.pth and the job requeues itself; the new run resumes from last.pth.
+# A stage that already finished is not trained again.
+#SBATCH --job-name=fastseg-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=18
+#SBATCH --gpus-per-node=1
+#SBATCH --partition=gpu_a100
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+if [[ ! -f tools/launch.sh || ! -f main.sh ]]; then
+    echo "error: $PWD is not the project directory (no main.sh); cd there and submit again" >&2
+    exit 2
+fi
+# shellcheck source=tools/launch.sh
+source tools/launch.sh
+fastseg_select_runtime "$PWD"
+fastseg_run_job bash main.sh "$@"

@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The whole curriculum in one command: one Slurm job per stage, chained with --dependency=afterok.
+#
+#   bash submit_curriculum.sh                                  # teacher, profiles 1..5, then evaluation
+#   bash submit_curriculum.sh --with-student                   # ... then the student's five stages
+#   bash submit_curriculum.sh --profiles 1-3 --experiment-id small --sbatch-args "--time=2:00:00"
+#   bash submit_curriculum.sh --dry-run -- --epochs 50 --lr 5e-4   # print the sbatch commands only
+#
+# Each teacher stage runs jobscript_slurm.sh (main.sh, train.py) with --previous-model-path auto, so it
+# starts from the best.pth of the stage before. The student (jobscript_slurm_distillation.sh) is taught
+# by the teacher's last best.pth. The last job runs evaluate_efficiency.sh over every stage's best.pth.
+# A job that fails stops the jobs after it (they stay pending with DependencyNeverSatisfied: scancel them).
+# Time limits are handled inside each job: it saves last.pth, requeues itself and resumes.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: submit_curriculum.sh [options] [-- arguments for train.py / train_distillation.py]
+
+  --profiles LIST          stages to run, ascending: 1-5 (default), 1,2,3 or 2-4
+  --experiment-id ID       the run's name (default: fastscnn-<date>-<time>); the student's is ID-student
+  --output-dir DIR         where checkpoints go (default: checkpoints)
+  --data-dir DIR           Cityscapes root for every job (default: the one set in main.sh and friends)
+  --previous-model-path P  weights for the first teacher stage (default: none for profile 1, else auto)
+  --with-student           after the teacher, train the student with the teacher's last best.pth
+  --student-only           train only the student; needs --teacher-model-path
+  --teacher-only           train only the teacher (the default)
+  --teacher-model-path P   the trained teacher for the student (default: the teacher trained here)
+  --no-eval                skip the evaluate_efficiency job at the end
+  --eval-args "ARGS"       extra arguments for evaluate_efficiency.py
+  --sbatch-args "ARGS"     extra sbatch flags for every job, e.g. "--time=12:00:00 --qos=long"
+  --log-dir DIR            where Slurm writes <job name>-<job id>.out (default: logs; created)
+  --dry-run                print the sbatch commands instead of submitting
+  -h, --help               this text
+
+Paths are relative to the project directory, where the jobs run.
+EOF
+}
+
+die() {
+    echo "error: submit_curriculum.sh: $*" >&2
+    exit 2
+}
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+profiles_spec=1-5
+experiment_id=""
+output_dir=checkpoints
+data_dir=""
+first_previous=""
+teacher=1
+student=0
+teacher_model=""
+evaluate=1
+eval_args=""
+sbatch_args=""
+log_dir=logs
+dry_run=0
+python_args=()
+
+need_value() {
+    [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"
+}
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --profiles) need_value "$@"; profiles_spec=$2; shift 2 ;;
+    --experiment-id) need_value "$@"; experiment_id=$2; shift 2 ;;
+    --output-dir) need_value "$@"; output_dir=$2; shift 2 ;;
+    --data-dir) need_value "$@"; data_dir=$2; shift 2 ;;
+    --previous-model-path) need_value "$@"; first_previous=$2; shift 2 ;;
+    --with-student) teacher=1; student=1; shift ;;
+    --student-only) teacher=0; student=1; shift ;;
+    --teacher-only) teacher=1; student=0; shift ;;
+    --teacher-model-path) need_value "$@"; teacher_model=$2; shift 2 ;;
+    --no-eval) evaluate=0; shift ;;
+    --eval-args) need_value "$@"; eval_args=$2; shift 2 ;;
+    --sbatch-args) need_value "$@"; sbatch_args=$2; shift 2 ;;
+    --log-dir) need_value "$@"; log_dir=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; python_args=("$@"); break ;;
+    *) die "unknown option '$1' (arguments for the Python scripts go after --; see --help)" ;;
+    esac
+done
+
+# The stages' paths are fixed here (the student's teacher, the evaluation's checkpoints), so the flags
+# that decide them must come from this script's options, not from the pass-through arguments.
+for arg in "${python_args[@]}"; do
+    case ${arg%%=*} in
+    --experiment-id | --output-dir | --data-dir | --previous-model-path)
+        die "give ${arg%%=*} as an option of submit_curriculum.sh, before --" ;;
+    --profile | --trained-teacher-model-path | --previous-student-model-path | --resume)
+        die "${arg%%=*} is set per stage by submit_curriculum.sh; use --profiles / --teacher-model-path" ;;
+    esac
+done
+
+# "1-5", "1,2,3", "2-4,5" -> 1 2 3 4 5; ascending, because each stage starts from the one before.
+profiles=()
+IFS=',' read -ra parts <<<"$profiles_spec"
+for part in "${parts[@]}"; do
+    if [[ $part =~ ^([1-5])-([1-5])$ ]]; then
+        [[ ${BASH_REMATCH[1]} -le ${BASH_REMATCH[2]} ]] || die "--profiles '$profiles_spec': ranges go up, as the curriculum does"
+        for ((k = BASH_REMATCH[1]; k <= BASH_REMATCH[2]; k++)); do profiles+=("$k"); done
+    elif [[ $part =~ ^[1-5]$ ]]; then
+        profiles+=("$part")
+    else
+        die "--profiles '$profiles_spec': expected profiles 1..5 such as 1-5 or 1,2,3"
+    fi
+done
+[[ ${#profiles[@]} -gt 0 ]] || die "--profiles '$profiles_spec' names no profile"
+for ((i = 1; i < ${#profiles[@]}; i++)); do
+    [[ ${profiles[i]} -gt ${profiles[i - 1]} ]] || die "--profiles '$profiles_spec': list each profile once, ascending"
+done
+first=${profiles[0]}
+last=${profiles[${#profiles[@]} - 1]}
+
+[[ $student -eq 0 || $teacher -eq 1 || -n $teacher_model ]] || die "--student-only needs --teacher-model-path"
+if [[ -z $experiment_id ]]; then
+    # Starting above profile 1 continues an earlier run, whose name is needed to find its checkpoints.
+    [[ $first -eq 1 || -n $first_previous ]] || die "--profiles $profiles_spec continues a run: give its --experiment-id"
+    experiment_id="fastscnn-$(date +%Y%m%d-%H%M%S)"
+fi
+[[ -n $teacher_model ]] || teacher_model="$output_dir/$experiment_id/profile-$last/best.pth"
+# A run that starts above profile 1 continues an earlier one: take the stage before from the same run.
+if [[ -z $first_previous ]]; then
+    if [[ $first -eq 1 ]]; then first_previous=none; else first_previous=auto; fi
+fi
+student_id="$experiment_id-student"
+
+read -ra extra_sbatch <<<"$sbatch_args"
+read -ra extra_eval <<<"$eval_args"
+data_args=()
+[[ -z $data_dir ]] || data_args=(--data-dir "$data_dir")
+
+cd "$here"
+for script in jobscript_slurm.sh jobscript_slurm_distillation.sh evaluate_efficiency.sh; do
+    [[ -f $script ]] || die "$here/$script is missing"
+done
+if [[ $dry_run -eq 0 ]]; then
+    command -v sbatch >/dev/null 2>&1 || die "sbatch not found: run this on the cluster's login node (or use --dry-run)"
+    # Slurm opens the output file before the job starts; a missing directory fails the job at launch.
+    mkdir -p "$log_dir"
+fi
+
+job_ids=()
+job_count=0
+
+# In a dry run a job id is a shell variable, so the printed commands run as a script.
+show_command() {
+    local arg out=()
+    for arg in "$@"; do
+        # shellcheck disable=SC2016 # a literal $job
+        if [[ $arg == *'$job'* ]]; then out+=("\"$arg\""); else out+=("$(printf '%q' "$arg")"); fi
+    done
+    echo "${out[*]}"
+}
+
+cancel_line() {
+    [[ ${#job_ids[@]} -eq 0 ]] || echo "cancel all: scancel ${job_ids[*]}"
+}
+
+# submit NAME DEPENDENCY_IDS SCRIPT ARGS...: sets $submitted to the new job's id.
+submit() {
+    local name=$1 after=$2
+    shift 2
+    local cmd=(sbatch --parsable --job-name="$name" --output="$log_dir/%x-%j.out")
+    [[ -z $after ]] || cmd+=(--dependency="afterok:$after")
+    cmd+=("${extra_sbatch[@]}" "$@")
+    job_count=$((job_count + 1))
+    if [[ $dry_run -eq 1 ]]; then
+        submitted="\$job$job_count"
+        echo "job$job_count=\$($(show_command "${cmd[@]}"))"
+        return
+    fi
+    local out
+    if ! out=$("${cmd[@]}"); then
+        echo "error: submit_curriculum.sh: sbatch failed for $name; nothing after it was submitted" >&2
+        cancel_line >&2
+        exit 1
+    fi
+    submitted=${out%%;*} # --parsable prints "id" or "id;cluster"
+    job_ids+=("$submitted")
+    echo "$name: job $submitted"
+}
+
+if [[ $dry_run -eq 1 ]]; then
+    echo "# submit_curriculum.sh --dry-run: the jobs it would submit, in order"
+    echo "set -e"
+    echo "cd $(printf '%q' "$here")"
+    echo "mkdir -p $(printf '%q' "$log_dir")"
+fi
+previous_job=""
+training_jobs=()
+best_paths=()
+if [[ $teacher -eq 1 ]]; then
+    for k in "${profiles[@]}"; do
+        if [[ $k -eq $first ]]; then previous=$first_previous; else previous=auto; fi
+        submit "$experiment_id-teacher-p$k" "$previous_job" jobscript_slurm.sh \
+            --experiment-id "$experiment_id" --profile "$k" --previous-model-path "$previous" \
+            --output-dir "$output_dir" "${data_args[@]}" "${python_args[@]}"
+        previous_job=$submitted
+        training_jobs+=("$submitted")
+        best_paths+=("$output_dir/$experiment_id/profile-$k/best.pth")
+    done
+fi
+if [[ $student -eq 1 ]]; then
+    for k in "${profiles[@]}"; do
+        if [[ $k -eq 1 ]]; then previous=none; else previous=auto; fi
+        submit "$experiment_id-student-p$k" "$previous_job" jobscript_slurm_distillation.sh \
+            --experiment-id "$student_id" --profile "$k" --previous-student-model-path "$previous" \
+            --trained-teacher-model-path "$teacher_model" \
+            --output-dir "$output_dir" "${data_args[@]}" "${python_args[@]}"
+        previous_job=$submitted
+        training_jobs+=("$submitted")
+        best_paths+=("$output_dir/$student_id/profile-$k/best.pth")
+    done
+fi
+if [[ $evaluate -eq 1 ]]; then
+    all_training=$(IFS=:; echo "${training_jobs[*]}")
+    submit "$experiment_id-eval" "$all_training" evaluate_efficiency.sh \
+        --current-model-path "${best_paths[@]}" \
+        --output "$output_dir/$experiment_id/efficiency.json" \
+        --plots "$output_dir/$experiment_id/efficiency" \
+        "${data_args[@]}" "${extra_eval[@]}"
+fi
+
+if [[ $dry_run -eq 1 ]]; then
+    ids=()
+    for ((i = 1; i <= job_count; i++)); do ids+=("\$job$i"); done
+    echo "echo \"cancel all: scancel ${ids[*]}\""
+else
+    echo "checkpoints: $output_dir/$experiment_id/profile-<k>/   logs: $log_dir/"
+    cancel_line
+fi

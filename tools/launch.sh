@@ -1,0 +1,102 @@
+# Shared by main.sh, main_distillation.sh, evaluate_efficiency.sh and the Slurm job scripts (sourced, not run):
+# which Python runs the project, secrets from .env, and running a job's payload so that a Slurm time
+# limit or preemption ends in a saved checkpoint and a requeue instead of a lost run.
+# shellcheck shell=bash
+
+# Exit status of a trainer that saved last.pth after SIGUSR1/SIGTERM and wants to be run again
+# (REQUEUE_EXIT_CODE in fastseg/stage.py).
+FASTSEG_REQUEUE_EXIT=75
+
+# fastseg_load_dotenv DIR: export KEY=VALUE lines of DIR/.env (git-ignored; see .env.example) without
+# overriding what the environment already has, so `WANDB_API_KEY=... bash main.sh` still wins.
+fastseg_load_dotenv() {
+    local file="$1/.env" key value
+    [[ -f $file ]] || return 0
+    while IFS='=' read -r key value || [[ -n $key ]]; do
+        key="${key#export }"
+        key="${key//[[:space:]]/}"
+        [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue # blank lines and comments
+        [[ -z ${!key+set} ]] || continue
+        value="${value%$'\r'}"
+        if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
+            value="${BASH_REMATCH[1]}"
+        fi
+        # An empty `WANDB_API_KEY=` copied from .env.example means "no key", not an empty one.
+        if [[ -n $value ]]; then
+            export "$key=$value"
+        fi
+    done <"$file"
+}
+
+# fastseg_default_python DIR: the interpreter for a local run: $PYTHON if set (the job scripts set it),
+# else DIR/.venv/bin/python (what `make venv` builds), else python3 from PATH.
+fastseg_default_python() {
+    if [[ -n ${PYTHON:-} ]]; then
+        printf '%s\n' "$PYTHON"
+    elif [[ -x $1/.venv/bin/python ]]; then
+        printf '%s\n' "$1/.venv/bin/python"
+    else
+        printf '%s\n' python3
+    fi
+}
+
+# fastseg_select_runtime DIR: sets FASTSEG_LAUNCH (command prefix, an array) and exports PYTHON for a job:
+# the apptainer image $CONTAINER (default DIR/container.sif) when it exists, else DIR/.venv, else python3.
+fastseg_select_runtime() {
+    local dir="$1" container="${CONTAINER:-$1/container.sif}"
+    FASTSEG_LAUNCH=()
+    if [[ -f $container ]]; then
+        if ! command -v apptainer >/dev/null 2>&1; then
+            echo "error: $container exists but apptainer is not on PATH; load it (module load apptainer) or set CONTAINER=none" >&2
+            return 2
+        fi
+        FASTSEG_LAUNCH=(apptainer exec --nv "$container")
+        export PYTHON=python3 # the image's own interpreter
+    elif [[ -x $dir/.venv/bin/python ]]; then
+        export PYTHON="$dir/.venv/bin/python"
+    else
+        export PYTHON=python3
+    fi
+    echo "runtime: ${FASTSEG_LAUNCH[*]:-host} $PYTHON ($("${FASTSEG_LAUNCH[@]}" "$PYTHON" --version 2>&1))"
+}
+
+# fastseg_run_job CMD...: run CMD (with FASTSEG_LAUNCH in front) as the job's payload and return its status.
+# With several tasks (sbatch --ntasks/--ntasks-per-node) it goes through srun, one process per task; the
+# trainer reads SLURM_PROCID/SLURM_NTASKS to set up DistributedDataParallel.
+# `#SBATCH --signal=B:USR1@300` signals only this batch shell, so the signal is passed on to the payload
+# (srun forwards it to every task); the trainer then saves last.pth and exits 75, and the job is requeued
+# with the same arguments, where `--resume auto` continues from last.pth. SIGTERM is passed on the same way.
+fastseg_run_job() {
+    local cmd=("${FASTSEG_LAUNCH[@]}" "$@")
+    if [[ ${SLURM_NTASKS:-1} -gt 1 ]]; then
+        # Slurm 22.05's srun does not inherit --cpus-per-task from the batch job: pass it on.
+        cmd=(srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "${cmd[@]}")
+    fi
+    echo "job ${SLURM_JOB_ID:-local} on $(hostname) at $(date -Is) (restart ${SLURM_RESTART_COUNT:-0}): ${cmd[*]}"
+
+    "${cmd[@]}" &
+    local child=$! status
+    # shellcheck disable=SC2064 # the child's pid is fixed now
+    trap "echo \"\$(date -Is) got SIGUSR1: asking the payload to save last.pth and stop\"; kill -USR1 $child 2>/dev/null || true" USR1
+    # shellcheck disable=SC2064
+    trap "echo \"\$(date -Is) got SIGTERM: asking the payload to save last.pth and stop\"; kill -TERM $child 2>/dev/null || true" TERM
+    while :; do
+        wait "$child" && status=0 || status=$?
+        # A trapped signal interrupts `wait` (status > 128) while the payload is still running.
+        if [[ $status -gt 128 ]] && kill -0 "$child" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+    trap - USR1 TERM
+
+    if [[ $status -eq $FASTSEG_REQUEUE_EXIT && -n ${SLURM_JOB_ID:-} ]]; then
+        echo "$(date -Is) payload saved its state (exit $status); requeueing job $SLURM_JOB_ID"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            return "$status"
+        fi
+        echo "scontrol requeue $SLURM_JOB_ID failed: resubmit this job to continue (it resumes from last.pth)" >&2
+    fi
+    echo "$(date -Is) payload exited with status $status"
+    return "$status"
+}
