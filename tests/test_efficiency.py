@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,11 +17,10 @@ from torch import nn
 import evaluate_efficiency
 from fastseg import efficiency as eff
 from fastseg.data import CLASS_NAMES, TRAIN_ID_TO_ID
-from fastseg.errors import UserError
+from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 # The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
 TINY_RESIZE = [128, 64]
 QUICK_SPEED = ["--runs", "3", "--warmup", "1", "--throughput-batch", "2"]
@@ -208,7 +205,17 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
     report, _ = _run(
         capsys,
         *("--current-model-path", str(checkpoints / "baseline/profile-1/best.pth"), "--skip-accuracy"),
-        *("--skip-speed", "--export-onnx", str(path), "--runs", "2", "--output", str(tmp_path / "r.json")),
+        *(
+            "--skip-speed",
+            "--export-onnx",
+            str(path),
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--output",
+            str(tmp_path / "r.json"),
+        ),
     )
     (row,) = report["results"]
     assert row["onnx_path"] == str(path) and row["onnx_latency_ms"] > 0
@@ -220,7 +227,7 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
     np.testing.assert_allclose(ours, expected, atol=1e-3 * np.abs(expected).max())
 
 
-def test_bad_checkpoints_end_in_one_line(tmp_path):
+def test_bad_checkpoints_end_in_one_line(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     for argv, match in (
@@ -230,23 +237,11 @@ def test_bad_checkpoints_end_in_one_line(tmp_path):
     ):
         with pytest.raises(UserError, match=match):
             evaluate_efficiency.main(["--current-model-path", *argv, "--skip-accuracy", "--skip-speed"])
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "evaluate_efficiency.py"),
-            "--current-model-path",
-            str(corrupt),
-            "--skip-speed",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
-    assert (
-        result.stderr.startswith("error: --current-model-path")
-        and len(result.stderr.strip().splitlines()) == 1
-    )
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: evaluate_efficiency.main(["--current-model-path", str(corrupt), "--skip-speed"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --current-model-path") and len(err.strip().splitlines()) == 1
 
 
 def test_empty_val_split_is_a_user_error(checkpoints, tmp_path):
