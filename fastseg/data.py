@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,6 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import Cityscapes
-from torchvision.io import ImageReadMode, decode_png, read_file
 
 from fastseg.errors import UserError
 
@@ -214,15 +214,22 @@ def list_samples(data_dir: str | Path, split: str) -> list[Sample]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding one sample. torchvision's libpng decoder is ~20% faster than PIL's, and its uint8 resize
-# (AVX2, antialiased) ~6× faster than PIL's; resizes use half-pixel centres for both image (bilinear) and
+# Decoding one sample. PIL decodes (libpng through zlib, the stable path); torch's uint8 resize (AVX2,
+# antialiased) is ~6× faster than PIL's. Resizes use half-pixel centres for both image (bilinear) and
 # label (nearest-exact), so the two stay aligned.
 
+_PNG_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error)
 
-def _decode(path: Path, mode: ImageReadMode) -> torch.Tensor:
+
+def _open_png(path: Path) -> Image.Image:
+    im = None
     try:
-        return decode_png(read_file(str(path)), mode)
-    except (RuntimeError, OSError, ValueError) as exc:
+        im = Image.open(path)
+        im.load()
+        return im
+    except _PNG_ERRORS as exc:
+        if im is not None:
+            im.close()
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{path}: unreadable or corrupt PNG ({reason}); replace it with a good copy"
@@ -230,21 +237,22 @@ def _decode(path: Path, mode: ImageReadMode) -> torch.Tensor:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as a uint8 3×H×W tensor."""
-    return _decode(Path(path), ImageReadMode.RGB)
+    """An image file as a uint8 3×H×W tensor (a channels-last view of the decoded pixels)."""
+    with _open_png(Path(path)) as im:
+        rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def read_label(path: str | Path) -> np.ndarray:
     """A label file as a uint8 H×W array of train ids (labelIds mapped through the table), checked."""
     path = Path(path)
-    raw = _decode(path, ImageReadMode.UNCHANGED)
-    if raw.ndim != 3 or raw.shape[0] != 1 or raw.dtype != torch.uint8:
-        kind = f"{raw.shape[0]} channels" if raw.shape[0] != 1 else f"{raw.dtype} values"
-        raise UserError(
-            f"{path}: a label must be a single-channel 8-bit id image, this one has {kind}; use the "
-            f"*{_LABEL_ID_SUFFIX} (or *{_TRAIN_ID_SUFFIX}) files, not the colour ones"
-        )
-    ids = raw[0].numpy()
+    with _open_png(path) as im:
+        if im.mode not in ("L", "P"):
+            raise UserError(
+                f"{path}: a label must be a single-channel 8-bit id image, this one is {im.mode}; use the "
+                f"*{_LABEL_ID_SUFFIX} (or *{_TRAIN_ID_SUFFIX}) files, not the colour ones"
+            )
+        ids = np.array(im)
     train_ids = path.name.endswith(_TRAIN_ID_SUFFIX)
     valid = VALID_TRAIN_IDS if train_ids else VALID_LABEL_IDS
     bad = ~valid[ids]
@@ -262,8 +270,9 @@ def read_label(path: str | Path) -> np.ndarray:
 def resize_image(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     """uint8 C×H×W → C×h×w, bilinear with antialiasing (no-op at the same size)."""
     if tuple(image.shape[-2:]) == tuple(size_hw):
-        return image
-    return F.interpolate(image[None], size=size_hw, mode="bilinear", antialias=True, align_corners=False)[0]
+        return image.contiguous()
+    out = F.interpolate(image[None], size=size_hw, mode="bilinear", antialias=True, align_corners=False)[0]
+    return out.contiguous()
 
 
 def resize_label(label: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -276,14 +285,16 @@ def resize_label(label: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
 def load_sample(
     sample: Sample, resize_hw: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one sample directly (no cache): uint8 image 3×H×W and train-id label H×W, optionally resized."""
+    """Decode one sample directly (no cache): uint8 image 3×H×W and train-id label H×W, optionally resized.
+
+    This is what the cache stores, pixel for pixel."""
     image = read_image(sample.image)
     label = torch.from_numpy(read_label(sample.label))
     if tuple(image.shape[1:]) != tuple(label.shape):
         raise _size_mismatch(sample, tuple(image.shape[1:]), tuple(label.shape))
     if resize_hw is not None:
         image, label = resize_image(image, resize_hw), resize_label(label, resize_hw)
-    return image, label
+    return image.contiguous(), label
 
 
 def _size_mismatch(sample: Sample, image_hw, label_hw) -> UserError:
@@ -789,7 +800,7 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 # than after each (torchvision's ColorJitter picks a random order and clamps in between). Normalisation
 # is folded into the same matrix, so a batch costs one matrix product and one clamp.
 
-_GREY = (0.299, 0.587, 0.114)  # the luma weights torchvision's rgb_to_grayscale uses
+_GREY = (0.2989, 0.587, 0.114)  # the luma weights of torchvision's rgb_to_grayscale
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 

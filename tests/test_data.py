@@ -1,0 +1,458 @@
+"""fastseg.data on tiny Cityscapes-layout folders made here with PIL (a few 96×48 images, seconds in all)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import Cityscapes
+from torchvision.transforms.v2 import functional as TF
+
+from fastseg import data as D
+from fastseg.errors import UserError
+
+SIZE = (96, 48)  # W, H of the source files
+BLOCK = 16
+PROFILE = D.Profile(0, resize=(48, 24), patch=(32, 16))  # a 2× downscale, then a crop
+# Label ids drawn for the blocks: trained classes and ignored ones (0 unlabeled, 4 static, 9 parking).
+IDS = np.array([0, 4, 7, 8, 9, 11, 17, 21, 23, 24, 26, 33], dtype=np.uint8)
+
+# A colour per train id (and the ignore value) so that the image says which label each pixel must have.
+_rng = np.random.default_rng(1234)
+PALETTE = np.zeros((256, 3), dtype=np.uint8)
+PALETTE[list(range(19)) + [255]] = _rng.integers(20, 236, (20, 3))
+
+
+def _block_labels(rng: np.random.Generator) -> np.ndarray:
+    w, h = SIZE
+    grid = rng.choice(IDS, size=(h // BLOCK, w // BLOCK))
+    return np.kron(grid, np.ones((BLOCK, BLOCK), dtype=np.uint8))
+
+
+def make_split(
+    root: Path, split: str, n: int, seed: int = 0, city: str = "aachen"
+) -> list[tuple[Path, Path]]:
+    """``n`` samples whose image colour encodes the label: PALETTE[train id of each pixel]."""
+    rng = np.random.default_rng(seed)
+    (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+    (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        name = f"{city}_{i:06d}_000019"
+        ids = _block_labels(rng)
+        image_path = root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png"
+        label_path = root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png"
+        Image.fromarray(PALETTE[D.ID_TO_TRAIN_ID[ids]]).save(image_path)
+        Image.fromarray(ids).save(label_path)
+        files.append((image_path, label_path))
+    return files
+
+
+@pytest.fixture
+def cityscapes(tmp_path: Path) -> Path:
+    root = tmp_path / "cityscapes"
+    make_split(root, "train", 6, seed=0)
+    make_split(root, "val", 3, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path / "cache"))
+
+
+def consistent(image: np.ndarray, label: np.ndarray, tol: int = 10) -> tuple[int, int]:
+    """(checked, wrong) pixels: where the 5×5 label neighbourhood is constant, is the colour the label's?
+
+    Block edges are skipped (bilinear blends colours there); padding (label 255, image 0) counts as right.
+    """
+    image = np.asarray(image).transpose(1, 2, 0).astype(int)
+    label = np.asarray(label)
+    h, w = label.shape
+    inner = np.zeros((h, w), dtype=bool)
+    inner[2:-2, 2:-2] = True
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            shifted = np.roll(np.roll(label, dy, 0), dx, 1)
+            inner &= shifted == label
+    expect = PALETTE[label].astype(int)
+    padding = (label == 255) & (image.sum(-1) == 0)
+    ok = (np.abs(image - expect).max(-1) <= tol) | padding
+    return int(inner.sum()), int((inner & ~ok).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class table and profiles
+
+
+def test_lookup_table_equals_torchvision_for_every_id():
+    table = {c.id % 256: c for c in Cityscapes.classes}
+    for value in range(256):
+        if value in table:
+            assert D.ID_TO_TRAIN_ID[value] == table[value].train_id % 256
+            assert D.VALID_LABEL_IDS[value]
+        else:
+            assert D.ID_TO_TRAIN_ID[value] == 255
+            assert not D.VALID_LABEL_IDS[value]
+    trained = sorted((c for c in Cityscapes.classes if 0 <= c.train_id < 255), key=lambda c: c.train_id)
+    assert tuple(c.name for c in trained) == D.CLASS_NAMES and len(D.CLASS_NAMES) == D.NUM_CLASSES == 19
+    for c in trained:
+        assert D.TRAIN_ID_TO_ID[c.train_id] == c.id
+        assert tuple(D.TRAIN_ID_COLORS[c.train_id]) == c.color
+    assert tuple(D.TRAIN_ID_COLORS[255]) == (0, 0, 0)
+    ids = np.array([[7, 26], [0, 255]], dtype=np.uint8)
+    assert np.array_equal(D.colorize(D.ID_TO_TRAIN_ID[ids]), [[(128, 64, 128), (0, 0, 142)], [(0, 0, 0)] * 2])
+
+
+def test_profiles_and_unknown_profile():
+    sizes = {k: (p.resize, p.patch) for k, p in D.PROFILES.items()}
+    assert sizes == {
+        1: ((576, 288), (448, 224)),
+        2: ((768, 384), (576, 288)),
+        3: ((1024, 512), (768, 384)),
+        4: ((1536, 768), (1152, 576)),
+        5: ((2048, 1024), (1536, 768)),
+    }
+    assert D.get_profile(1).resize_hw == (288, 576) and D.get_profile(1).patch_hw == (224, 448)
+    with pytest.raises(UserError, match="--profile 6"):
+        D.get_profile(6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout and cache
+
+
+def test_label_train_ids_preferred_when_present(cityscapes: Path):
+    sample = D.list_samples(cityscapes, "val")[0]
+    assert not sample.label_is_train_ids and sample.name == "aachen_000000_000019" and sample.city == "aachen"
+    # A trainIds file that disagrees with the labelIds one: its content must win.
+    train_ids = np.full((SIZE[1], SIZE[0]), 5, dtype=np.uint8)
+    train_ids[:, :10] = 255
+    path = sample.label.with_name(f"{sample.name}_gtFine_labelTrainIds.png")
+    Image.fromarray(train_ids).save(path)
+    sample = D.list_samples(cityscapes, "val")[0]
+    assert sample.label_is_train_ids and sample.label == path
+    ds = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="full")
+    assert np.array_equal(ds[0][1].numpy(), train_ids)
+
+
+def test_cache_returns_the_same_as_direct_decoding(cityscapes: Path):
+    samples = D.list_samples(cityscapes, "val")
+    full = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="full")
+    resized = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="resized")
+    assert [s.name for s in full.samples] == [s.name for s in samples]
+    for i, sample in enumerate(samples):
+        pil_image = np.asarray(Image.open(sample.image).convert("RGB")).transpose(2, 0, 1)
+        pil_label = D.ID_TO_TRAIN_ID[np.asarray(Image.open(sample.label))]
+        assert np.array_equal(D.read_image(sample.image).numpy(), pil_image)
+        image, label = D.load_sample(sample, PROFILE.resize_hw)
+        assert image.shape == (3, 24, 48) and label.shape == (24, 48)
+        got_image, got_label, index = full[i]
+        assert index == i and got_image.dtype == torch.uint8 and got_label.dtype == torch.uint8
+        assert torch.equal(got_image, image)
+        assert np.array_equal(got_label.numpy(), pil_label)
+        assert torch.equal(resized[i][0], image) and torch.equal(resized[i][1], label)
+        # Nearest resize of a 2× downscale picks one source pixel per 2×2 block.
+        assert np.array_equal(label.numpy(), pil_label[1::2, 1::2])
+
+
+def test_cache_rebuilt_when_a_source_changes(cityscapes: Path, tmp_path: Path):
+    ds = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    before = ds[1][1].numpy().copy()
+    entries = sorted((tmp_path / "cache").glob("*/val-*/"))
+    assert len(entries) == 1
+    # Same size and maybe the same mtime tick: the content differs, the cache must notice via size or mtime.
+    label = ds.samples[1].label
+    changed = np.full_like(before, 26)
+    Image.fromarray(changed).save(label)
+    os.utime(label, ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    assert np.array_equal(again[1][1].numpy(), D.ID_TO_TRAIN_ID[changed])
+    assert np.array_equal(again[0][1].numpy(), ds[0][1].numpy())
+    now = sorted((tmp_path / "cache").glob("*/val-*/"))
+    assert len(now) == 1 and now != entries  # the stale entry is gone
+
+
+def test_cache_location_default_env_and_argument(cityscapes: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(D.CACHE_ENV)
+    D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    assert list((cityscapes / ".cache" / "fastseg").glob("*/val-*/images-48x24.npy"))
+    D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, cache_dir=tmp_path / "mine")
+    assert list((tmp_path / "mine").glob("*/val-*/images-48x24.npy"))
+    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path / "env"))
+    D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    assert list((tmp_path / "env").glob("*/val-*/images-48x24.npy"))
+
+
+def _build_and_digest(root: str, cache: str, workers: int, queue) -> None:
+    try:
+        ds = D.SegmentationDataset(
+            root,
+            "train",
+            PROFILE,
+            train=False,
+            label_resolution="resized",
+            cache_dir=cache,
+            cache_workers=workers,
+        )
+        queue.put(b"".join(ds[i][0].numpy().tobytes() + ds[i][1].numpy().tobytes() for i in range(len(ds))))
+    except BaseException as exc:  # report, never hang the test
+        queue.put(repr(exc))
+
+
+def test_concurrent_builders_both_succeed_with_identical_data(cityscapes: Path, tmp_path: Path):
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    cache = str(tmp_path / "shared")
+    procs = [ctx.Process(target=_build_and_digest, args=(str(cityscapes), cache, w, queue)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(isinstance(r, bytes) for r in results), results
+    assert results[0] == results[1]
+    entries = list(Path(cache).glob("*/train-*/"))
+    assert len(entries) == 1 and not list(entries[0].glob(".*tmp*"))
+    # And the same as a build in this process (serial path).
+    ds = D.SegmentationDataset(
+        cityscapes,
+        "train",
+        PROFILE,
+        train=False,
+        label_resolution="resized",
+        cache_dir=tmp_path / "serial",
+        cache_workers=1,
+    )
+    assert results[0] == b"".join(
+        ds[i][0].numpy().tobytes() + ds[i][1].numpy().tobytes() for i in range(len(ds))
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train transforms
+
+
+def test_train_crop_and_flip_are_exact_aligned_slices(cityscapes: Path):
+    full = D.SegmentationDataset(cityscapes, "train", PROFILE, train=False, label_resolution="resized")
+    train = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+    ph, pw = PROFILE.patch_hw
+    flips = set()
+    for key in [(0, e, i) for e in range(3) for i in range(len(train))]:
+        image, label, index = train[key]
+        assert image.shape == (3, ph, pw) and label.shape == (ph, pw) and image.is_contiguous()
+        src_image, src_label = full[index][0].numpy(), full[index][1].numpy()
+        found = []
+        for flip in (False, True):
+            img = src_image[:, :, ::-1] if flip else src_image
+            lbl = src_label[:, ::-1] if flip else src_label
+            for y in range(src_label.shape[0] - ph + 1):
+                for x in range(src_label.shape[1] - pw + 1):
+                    if np.array_equal(img[:, y : y + ph, x : x + pw], image.numpy()):
+                        found.append((flip, y, x, np.array_equal(lbl[y : y + ph, x : x + pw], label.numpy())))
+        assert found and all(
+            same for *_, same in found
+        )  # wherever the image crop came from, so did the label
+        flips.add(found[0][0])
+    assert flips == {False, True}
+
+
+@pytest.mark.parametrize("scale_aug", [False, True])
+def test_train_items_keep_image_and_label_aligned(cityscapes: Path, scale_aug: bool):
+    ds = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True, scale_aug=scale_aug)
+    checked = 0
+    for key in [(3, e, i) for e in range(4) for i in range(len(ds))]:
+        image, label, _ = ds[key]
+        assert image.shape == (3, 16, 32) and label.shape == (16, 32)
+        n, wrong = consistent(image.numpy(), label.numpy())
+        assert wrong == 0, key
+        checked += n
+        # The check has teeth: a label flipped on its own no longer matches (unless symmetric by chance).
+        if n > 40 and not np.array_equal(label.numpy(), label.numpy()[:, ::-1]):
+            assert consistent(image.numpy(), label.numpy()[:, ::-1].copy())[1] > 0
+    assert checked > 500
+
+
+def test_scale_aug_rescales_and_pads_with_ignore(cityscapes: Path):
+    ds = D.SegmentationDataset(
+        cityscapes, "train", D.Profile(0, (48, 24), (40, 20)), train=True, scale_aug=True
+    )
+    padded = 0
+    for e in range(20):
+        image, label, _ = ds[(0, e, 0)]
+        pad = label.numpy() == 255
+        padded += int((pad & (image.numpy().sum(0) == 0)).any())
+    assert padded > 0  # scales below 20/24 leave a border, filled with 255 / black
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _batches(loader, epochs):
+    out = []
+    for e in epochs:
+        D.set_epoch(loader, e)
+        out.append([(b[0].clone(), b[1].clone(), b[2].clone()) for b in loader])
+    return out
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(x, y) for x, y in zip(p, q)) for p, q in zip(a, b))
+
+
+def test_loaders_are_deterministic_and_epochs_differ(cityscapes: Path):
+    ds = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+    first = _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
+    again = _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
+    assert all(_same(a, b) for a, b in zip(first, again))
+    assert not _same(first[0], first[1]) and not _same(first[1], first[2])
+    assert not _same(first[0], _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=8), [0])[0])
+    # A resumed run (fresh loader, straight to epoch 2) draws what the uninterrupted run drew, and worker
+    # processes (persistent, so they never see attributes set later) change nothing.
+    workers = D.build_loader(ds, 2, 2, shuffle=True, seed=7)
+    assert workers.persistent_workers
+    assert _same(_batches(workers, [2])[0], first[2])
+    assert _same(_batches(workers, [0])[0], first[0])
+    assert (
+        len(first[0]) == 3 and first[0][0][0].shape == (2, 3, 16, 32) and first[0][0][1].dtype == torch.uint8
+    )
+
+
+def test_epoch_advances_without_set_epoch(cityscapes: Path):
+    ds = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+    loader = D.build_loader(ds, 2, 0, shuffle=True, seed=7)
+    plain = [[b[0].clone() for b in loader] for _ in range(2)]
+    chosen = _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1])
+    assert all(torch.equal(x, y[0]) for x, y in zip(plain[1], chosen[1]))
+
+
+def test_eval_loader_is_ordered_and_complete(cityscapes: Path):
+    ds = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    loader = D.build_loader(ds, 2, 0, shuffle=False, seed=0)
+    indices = torch.cat([b[2] for b in loader]).tolist()
+    assert indices == [0, 1, 2]
+    shards = [list(D.EpochSampler(ds, seed=0, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(i for s in shards for _, _, i in s) == [0, 1, 2]
+    with pytest.raises(UserError, match="--batch-size"):
+        D.build_loader(ds, 8, 0, shuffle=True, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare_batch
+
+
+def test_prepare_batch_normalises_and_jitter_off_is_identity():
+    images = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8)
+    labels = torch.randint(0, 19, (2, 8, 12), dtype=torch.uint8)
+    mean, std = torch.tensor(D.MEAN).view(1, 3, 1, 1), torch.tensor(D.STD).view(1, 3, 1, 1)
+    expect = (images.float() / 255 - mean) / std
+    for train, jitter in ((False, True), (True, False)):
+        x, y = D.prepare_batch(images, labels, "cpu", train=train, jitter=jitter)
+        assert x.dtype == torch.float32 and x.shape == (2, 3, 8, 12) and y.dtype == torch.int64
+        torch.testing.assert_close(x, expect)
+        assert torch.equal(y, labels.long())
+    x, _ = D.prepare_batch(images, labels, "cpu", train=False, channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, expect)
+
+
+def test_prepare_batch_jitter_is_seeded_per_image_and_bounded():
+    images = torch.randint(0, 256, (4, 3, 8, 12), dtype=torch.uint8)
+    labels = torch.zeros(4, 8, 12, dtype=torch.uint8)
+    a, _ = D.prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(1))
+    b, _ = D.prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(1))
+    c, _ = D.prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(2))
+    plain, _ = D.prepare_batch(images, labels, "cpu", train=False)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, plain, atol=1e-3)
+    mean, std = torch.tensor(D.MEAN).view(1, 3, 1, 1), torch.tensor(D.STD).view(1, 3, 1, 1)
+    back = a * std + mean
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5
+    # Each image gets its own factors: the same picture twice in a batch comes out different.
+    twin = images[:1].repeat(2, 1, 1, 1)
+    d, _ = D.prepare_batch(twin, labels[:2], "cpu", train=True, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(d[0], d[1])
+
+
+def _affine(x: torch.Tensor, factors: list[float]) -> torch.Tensor:
+    a, t = D._jitter_affine(x.mean(dim=(2, 3)), torch.tensor([factors]))
+    return torch.einsum("nij,njhw->nihw", a, x) + t[:, :, None, None]
+
+
+def test_jitter_matches_torchvision_for_brightness_contrast_saturation():
+    x = torch.rand(1, 3, 6, 7) * 0.5 + 0.25  # mid-range: no clamping in either implementation
+    # A draw u maps to factor 1 + 0.3 (2u - 1); u = 0.5 is neutral, u = 0.25 gives 0.85, u = 0.75 1.15.
+    torch.testing.assert_close(_affine(x, [0.5, 0.5, 0.5, 0.5]), x)
+    torch.testing.assert_close(_affine(x, [0.25, 0.5, 0.5, 0.5]), TF.adjust_brightness(x, 0.85))
+    torch.testing.assert_close(_affine(x, [0.5, 0.75, 0.5, 0.5]), TF.adjust_contrast(x, 1.15))
+    torch.testing.assert_close(_affine(x, [0.5, 0.5, 0.25, 0.5]), TF.adjust_saturation(x, 0.85))
+    # Hue turns colour like torchvision's (red towards yellow for a positive shift) and leaves greys alone.
+    red = torch.tensor([0.8, 0.2, 0.1]).view(1, 3, 1, 1)
+    assert _affine(red, [0.5, 0.5, 0.5, 0.9])[0, 1] > red[0, 1] + 0.05
+    assert TF.adjust_hue(red, 0.08)[0, 1] > red[0, 1] + 0.05
+    grey = torch.full((1, 3, 2, 2), 0.4)
+    torch.testing.assert_close(_affine(grey, [0.5, 0.5, 0.5, 0.9]), grey)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: each names the file and says what to do.
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def _ids_outside_table(path: Path) -> None:
+    ids = np.asarray(Image.open(path)).copy()
+    ids[3, 5] = 40
+    Image.fromarray(ids).save(path)
+
+
+def _wrong_size(path: Path) -> None:
+    Image.fromarray(np.zeros((SIZE[1], SIZE[0] - 8), dtype=np.uint8)).save(path)
+
+
+def _colour_label(path: Path) -> None:
+    Image.fromarray(np.zeros((SIZE[1], SIZE[0], 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize(
+    "breakage, which, message",
+    [
+        (_corrupt, "image", "corrupt PNG"),
+        (_corrupt, "label", "corrupt PNG"),
+        (lambda p: p.write_bytes(b"not a png at all"), "image", "corrupt PNG"),
+        (_ids_outside_table, "label", "label values 40 are not in the class table"),
+        (_wrong_size, "label", "same size"),
+        (_colour_label, "label", "single-channel"),
+        (lambda p: p.unlink(), "label", "no label"),
+    ],
+)
+def test_bad_inputs_name_the_file(cityscapes: Path, breakage, which: str, message: str):
+    sample = D.list_samples(cityscapes, "val")[1]
+    path = sample.image if which == "image" else sample.label
+    breakage(path)
+    with pytest.raises(UserError, match=message) as err:
+        D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    assert str(sample.image if message == "no label" else path) in str(err.value)
+
+
+def test_bad_data_dir_and_empty_split(tmp_path: Path, cityscapes: Path):
+    with pytest.raises(UserError, match="python -m fastseg.synthetic") as err:
+        D.list_samples(tmp_path / "nowhere", "train")
+    assert str(tmp_path / "nowhere") in str(err.value)
+    with pytest.raises(UserError, match="no such directory"):
+        D.list_samples(cityscapes, "test")
+    (cityscapes / "leftImg8bit" / "test" / "aachen").mkdir(parents=True)
+    with pytest.raises(UserError, match="has no images") as err:
+        D.list_samples(cityscapes, "test")
+    assert str(cityscapes / "leftImg8bit" / "test") in str(err.value)
+    with pytest.raises(UserError, match="--label-resolution"):
+        D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="half")
