@@ -69,14 +69,13 @@ class Progress:
         self.log_every = log_every
         self.interval_s = interval_s
         self.step = initial
-        self._initial = initial
         self._stream = stream if stream is not None else sys.stdout
         self._tty = tty if tty is not None else bool(getattr(self._stream, "isatty", lambda: False)())
         self._loss: Any = None
         self._lr: float | None = None
         self._images_per_s: float | None = None
         self._images = 0
-        self._start = self._last_line = time.perf_counter()
+        self._start = self._last_line = self._last_postfix = time.perf_counter()
         self._closed = False
         self._bar = None
         if self.enabled and self._tty:
@@ -113,11 +112,14 @@ class Progress:
             self._images += images
         if images_per_s is not None:
             self._images_per_s = images_per_s
+        now = time.perf_counter()
         if self._bar is not None:
-            self._bar.set_postfix_str(self._values(), refresh=False)
+            # The postfix is redrawn at tqdm's pace, not every step: reading a tensor loss waits on the GPU.
+            if now - self._last_postfix >= 0.5 or self.step >= self.total:
+                self._bar.set_postfix_str(self._values(), refresh=False)
+                self._last_postfix = now
             self._bar.update(n)
             return
-        now = time.perf_counter()
         due = self.log_every is not None and self.step % self.log_every == 0
         if due or now - self._last_line >= self.interval_s:
             self._print(f"{self._prefix()}step {self.step}/{self.total} {self._values()}")
