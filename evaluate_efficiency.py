@@ -188,11 +188,6 @@ def accuracy(model, args, profile, device, prediction_dir, overlay_dir) -> dict[
         cache_dir=args.cache_dir,
         label_resolution=args.label_resolution,
     )
-    if len(dataset) == 0:
-        raise UserError(
-            f"--data-dir: {data_dir} has no val images (expected leftImg8bit/val/<city>/*_leftImg8bit.png "
-            "and gtFine/val/<city>/*_gtFine_labelIds.png)"
-        )
     loader = build_loader(dataset, args.batch_size, args.num_workers, shuffle=False, seed=0, drop_last=False)
     return eff.evaluate_accuracy(
         model,
@@ -202,7 +197,7 @@ def accuracy(model, args, profile, device, prediction_dir, overlay_dir) -> dict[
         samples=dataset.samples,
         prediction_dir=prediction_dir,
         overlay_dir=overlay_dir,
-        progress=_progress(f"val at {profile.resize[0]}×{profile.resize[1]}"),
+        progress=_progress(f"val, profile {profile.index}"),
     )
 
 
@@ -264,7 +259,9 @@ def evaluate_checkpoint(
         )
 
     if not args.skip_speed:
-        print(f"{label}: timing {input_hw[0]}×{input_hw[1]} on {device}", file=sys.stderr, flush=True)
+        print(
+            f"{label}: timing at {input_hw[0]}×{input_hw[1]} (H×W) on {device}", file=sys.stderr, flush=True
+        )
         speed = eff.benchmark_speed(
             model,
             input_hw,

@@ -92,10 +92,10 @@ def expand_checkpoint_paths(patterns: Iterable[str], flag: str = "--current-mode
             paths.append(path)
     if not paths:
         raise UserError(f"{flag}: no checkpoint given; pass one or more .pth paths or a glob")
-    unique: dict[Path, None] = {}
+    unique: dict[Path, Path] = {}
     for path in paths:
-        unique.setdefault(path.resolve(), None)
-    return [Path(p) for p in unique]
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def checkpoint_label(path: str | os.PathLike, parts: int | None = None) -> str:
