@@ -102,6 +102,18 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics).
+
+    DDP broadcasts them before each training forward, so after the last step each rank holds the statistics
+    of its own last batch; validation must score the one model that rank 0 saves.
+    """
+    if not dist.is_initialized():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value

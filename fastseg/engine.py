@@ -161,6 +161,7 @@ def evaluate(
     ``on_batch(indices, predictions, images, labels)`` sees every batch (saving predictions, logging images).
     """
     model.eval()
+    dist_utils.broadcast_buffers(model)
     cm = ConfusionMatrix(num_classes, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     valid = torch.zeros((), dtype=torch.float64, device=device)
