@@ -68,13 +68,19 @@ def build_objective(cfg: dict, device: torch.device, model):
         teacher.to(memory_format=torch.channels_last)
     cfg["teacher"] = {"path": str(cfg["trained_teacher_model_path"]), "arch": teacher_cfg.get("arch"),
                       "width_mult": teacher_cfg.get("width_mult"), "profile": teacher_cfg.get("profile")}
+    return DistillationObjective(teacher, criterion)
 
-    def objective(student, images, labels):
+
+class DistillationObjective:
+    """The student's loss on a batch; the teacher sees the same augmented images, in eval mode, without grad."""
+
+    def __init__(self, teacher: torch.nn.Module, criterion: DistillationLoss):
+        self.teacher, self.criterion = teacher, criterion
+
+    def __call__(self, student, images, labels):
         with torch.no_grad():
-            teacher_logits = teacher(images)  # eval mode: never switched to train by the loop
-        return criterion(student(images), teacher_logits, labels)
-
-    return objective
+            teacher_logits = self.teacher(images)  # never switched to train mode by the loop
+        return self.criterion(student(images), teacher_logits, labels)
 
 
 def main(argv=None) -> int:

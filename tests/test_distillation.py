@@ -1,0 +1,126 @@
+"""train_distillation.py: a frozen teacher, the KD term, the shared trainer, and its bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_ARGS
+
+import train
+import train_distillation
+from fastseg.checkpoint import load_model
+from fastseg.data import Profile, SegmentationDataset, build_loader, prepare_batch
+from fastseg.errors import UserError
+from fastseg.models import build_model
+
+TINY = Profile(1, (128, 64), (96, 48))
+
+
+def argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY_ARGS, "--data-dir", str(data), "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher(synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    assert train.main(argv(synthetic_root, out, "--experiment-id", "teacher", "--epochs", "6", "--lr", "5e-3",
+                           "--previous-model-path", "none")) == 0
+    return out / "teacher" / "profile-1" / "best.pth"
+
+
+def agreement(student: torch.nn.Module, teacher: torch.nn.Module, data: Path) -> float:
+    """Fraction of validation pixels where student and teacher predict the same class."""
+    loader = build_loader(SegmentationDataset(data, "val", TINY, train=False, label_resolution="resized"), 4, 0,
+                          shuffle=False, seed=0)
+    same = total = 0
+    student.eval()
+    with torch.no_grad():
+        for images, labels, _ in loader:
+            x, _ = prepare_batch(images, labels, "cpu", train=False)
+            same += int((student(x).argmax(1) == teacher(x).argmax(1)).sum())
+            total += x.shape[0] * x.shape[2] * x.shape[3]
+    return same / total
+
+
+def test_student_learns_to_agree_with_the_teacher(teacher, synthetic_root, tmp_path):
+    teacher_model, _ = load_model(teacher)
+    torch.manual_seed(0)
+    before = agreement(build_model("fast_scnn"), teacher_model, synthetic_root)
+    code = train_distillation.main(argv(synthetic_root, tmp_path, "--experiment-id", "student", "--epochs", "5",
+                                        "--lr", "5e-3", "--alpha", "1.0", "--trained-teacher-model-path",
+                                        str(teacher), "--previous-student-model-path", "none"))
+    assert code == 0
+    stage = tmp_path / "student" / "profile-1"
+    student, cfg = load_model(stage / "last.pth")
+    after = agreement(student, teacher_model, synthetic_root)
+    assert after > before + 0.2, (before, after)
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_ce_loss", "train_kd_loss", "val_miou"} <= records[0].keys()
+    assert records[-1]["train_kd_loss"] < records[0]["train_kd_loss"]
+    assert cfg["teacher"]["path"] == str(teacher) and cfg["alpha"] == 1.0
+
+
+def test_teacher_is_frozen_and_gets_no_gradient(teacher, synthetic_root, tmp_path):
+    cfg = train.parse_config(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher)),
+                             defaults_=train_distillation.defaults(),
+                             extend=train_distillation.add_distillation_flags)
+    student = build_model("fast_scnn")
+    objective = train_distillation.build_objective(cfg, torch.device("cpu"), student)
+    teacher_model = objective.teacher
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    loader = build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0, shuffle=True, seed=0)
+    student.train()
+    for images, labels, _ in loader:
+        x, y = prepare_batch(images, labels, "cpu", train=True)
+        loss, parts = objective(student, x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert parts["kd"] > 0
+    assert not teacher_model.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher_model.parameters())
+    for key, value in teacher_model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # BatchNorm statistics included: eval mode throughout
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_a_teacher_of_another_architecture_works_end_to_end(synthetic_root, tmp_path):
+    assert train.main(argv(synthetic_root, tmp_path, "--experiment-id", "lraspp", "--epochs", "1",
+                           "--arch", "lraspp_mobilenet_v3_large", "--previous-model-path", "none")) == 0
+    big = tmp_path / "lraspp" / "profile-1" / "best.pth"
+    assert train_distillation.main(argv(synthetic_root, tmp_path, "--experiment-id", "s", "--epochs", "1",
+                                        "--trained-teacher-model-path", str(big),
+                                        "--previous-student-model-path", "none")) == 0
+    cfg = json.loads((tmp_path / "s" / "profile-1" / "config.json").read_text())
+    assert cfg["teacher"]["arch"] == "lraspp_mobilenet_v3_large" and cfg["arch"] == "fast_scnn"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--alpha", "1.5"], "--alpha"),
+        (["--temperature", "0"], "--temperature"),
+        (["--trained-teacher-model-path", "missing.pth"], "--trained-teacher-model-path: missing.pth: no such file"),
+    ],
+)
+def test_bad_distillation_input(teacher, synthetic_root, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train_distillation.main(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher),
+                                     "--previous-student-model-path", "none", *extra))
+
+
+def test_teacher_with_another_class_count_or_corrupt_file(synthetic_root, tmp_path):
+    from fast_scnn import FastSCNN
+
+    eight = tmp_path / "eight.pth"
+    torch.save(FastSCNN(num_classes=8).state_dict(), eight)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00" * 100)
+    for path, message in ((eight, "8 classes"), (corrupt, "not a readable PyTorch checkpoint")):
+        with pytest.raises(UserError, match=message):
+            train_distillation.main(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(path),
+                                         "--previous-student-model-path", "none"))
