@@ -68,7 +68,9 @@ def ensure_installed() -> None:
             f"run `sudo bash {INSTALL_SCRIPT.relative_to(REPO)}`"
         )
     if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get")
+        raise SlurmUnavailable(
+            f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get"
+        )
     done = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True)
     if done.returncode != 0 or missing_programs():
         raise SlurmUnavailable(
@@ -251,7 +253,14 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
 
     def _diagnostics(self) -> str:
         parts = []
-        for name in ("munged.log", "munged.stderr", "slurmctld.log", "slurmctld.stderr", "slurmd.log", "slurmd.stderr"):
+        for name in (
+            "munged.log",
+            "munged.stderr",
+            "slurmctld.log",
+            "slurmctld.stderr",
+            "slurmd.log",
+            "slurmd.stderr",
+        ):
             path = self.munge_dir / name if name.startswith("munged.log") else self.log_dir / name
             if path.exists():
                 parts.append(f"--- {path}\n{_tail(path)}")
@@ -262,7 +271,9 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "--user", "root"], check=False)
             with contextlib.suppress(SlurmError):
-                self.wait_until(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 30, "jobs to end")
+                self.wait_until(
+                    lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 30, "jobs to end"
+                )
         self._kill_job_processes()
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self._procs.pop(name, None)
@@ -320,7 +331,9 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
     def state(self, job_id: str) -> str:
         return self.job(job_id)["JobState"]
 
-    def wait_for_state(self, job_id: str, states: Sequence[str] | frozenset[str], timeout: float) -> dict[str, str]:
+    def wait_for_state(
+        self, job_id: str, states: Sequence[str] | frozenset[str], timeout: float
+    ) -> dict[str, str]:
         """Poll until the job is in one of ``states``; returns its record. SlurmError (with its log) on timeout."""
         wanted = set(states)
         seen: dict[str, str] = {}
@@ -329,7 +342,9 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
             seen.update(self.job(job_id))
             return seen["JobState"] in wanted
 
-        self.wait_until(reached, timeout, f"job {job_id} to reach {sorted(wanted)}", lambda: self.describe(job_id))
+        self.wait_until(
+            reached, timeout, f"job {job_id} to reach {sorted(wanted)}", lambda: self.describe(job_id)
+        )
         return seen
 
     def wait_finished(self, job_id: str, timeout: float) -> dict[str, str]:
@@ -387,6 +402,14 @@ def slurm_cluster(gpus: int = 2, keep: bool = False) -> Iterator[SlurmCluster]:
 if __name__ == "__main__":
     with slurm_cluster() as c:
         print(c.run(["sinfo"]).stdout)
-        jid = c.sbatch(["--gpus=1", "--cpus-per-task=1", f"--output={c.root}/hello-%j.out", "--wrap", "hostname; nvidia-smi -L || true"])
+        jid = c.sbatch(
+            [
+                "--gpus=1",
+                "--cpus-per-task=1",
+                f"--output={c.root}/hello-%j.out",
+                "--wrap",
+                "hostname; nvidia-smi -L || true",
+            ]
+        )
         print(c.wait_finished(jid, 60)["JobState"], (c.root / f"hello-{jid}.out").read_text())
         print(c.run(["sacct", "-c", "-j", jid]).stdout)

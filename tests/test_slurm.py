@@ -1,0 +1,270 @@
+"""The Slurm scripts on a real one-node Slurm (tests/slurm_cluster.py): a stage, the chained curriculum,
+requeue after SIGUSR1, several tasks through srun; and submit_curriculum.sh --dry-run without Slurm.
+
+The jobs run the real job scripts, main.sh and train.py from the repository on tiny synthetic data, with
+the scripts' own #SBATCH headers except --cpus-per-task (this machine has few cores) and --output.
+Without root (nothing can install or start Slurm) the cluster tests skip; with CI=true they must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_ARGS
+from slurm_cluster import SlurmCluster, SlurmError, SlurmUnavailable, slurm_cluster
+
+from fastseg.checkpoint import load_checkpoint
+
+# The headers ask for 18 CPUs per task; the node has what this machine has.
+SBATCH_ARGS = ["--cpus-per-task=1"]
+# Two images per batch on four training images: two steps per epoch, a few seconds per stage.
+PYTHON_ARGS = [*TINY_ARGS, "--batch-size", "2"]
+JOB_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        with slurm_cluster() as running:
+            yield running
+    except SlurmUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests, but Slurm is unavailable: {exc}")
+        pytest.skip(f"no Slurm test cluster: {exc}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from fastseg.synthetic import generate
+
+    root = tmp_path_factory.mktemp("slurm-data") / "cityscapes"
+    generate(root, train=4, val=2, width=128, height=64, seed=0)
+    return root
+
+
+def records(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def submit_stage(
+    cluster: SlurmCluster,
+    logs: Path,
+    data: Path,
+    out: Path,
+    *python_args: str,
+    sbatch_args: tuple[str, ...] = (),
+) -> str:
+    """sbatch jobscript_slurm.sh from the project directory, as users do."""
+    return cluster.sbatch(
+        [
+            *SBATCH_ARGS,
+            f"--output={logs}/%x-%j.out",
+            *sbatch_args,
+            "jobscript_slurm.sh",
+            *PYTHON_ARGS,
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(out),
+            *python_args,
+        ],
+        cwd=ROOT,
+    )
+
+
+def finished_ok(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
+    info = cluster.wait_finished(job_id, JOB_TIMEOUT)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", cluster.describe(job_id)
+    return info
+
+
+def wait_for_text(cluster: SlurmCluster, job_id: str, path: Path, pattern: str, timeout: float) -> None:
+    def found() -> bool:
+        if cluster.state(job_id) not in ("PENDING", "RUNNING", "CONFIGURING"):
+            raise SlurmError(f"job {job_id} ended before printing {pattern!r}\n{cluster.describe(job_id)}")
+        return path.is_file() and re.search(pattern, path.read_text(errors="replace")) is not None
+
+    cluster.wait_until(found, timeout, f"{pattern!r} in {path}", lambda: cluster.describe(job_id))
+
+
+def test_stage_completes_and_a_finished_stage_is_not_retrained(cluster, data, tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    job = submit_stage(cluster, logs, data, out, "--experiment-id", "one", "--epochs", "2")
+    info = finished_ok(cluster, job)
+
+    stage = out / "one" / "profile-1"
+    assert (stage / "best.pth").is_file() and (stage / "last.pth").is_file()
+    # --epochs 2 given to sbatch reached train.py after main.sh's own settings, and won.
+    assert [r["epoch"] for r in records(stage)] == [1, 2]
+    assert json.loads((stage / "config.json").read_text())["epochs"] == 2
+    log = Path(info["StdOut"]).read_text()
+    assert re.search(r"runtime: host \S+python", log), log
+    assert "done: best val mIoU" in log
+
+    # The same job once more (a requeue after the last epoch, a resubmission) finds the stage complete.
+    metrics_before = (stage / "metrics.jsonl").read_bytes()
+    best_mtime = (stage / "best.pth").stat().st_mtime_ns
+    again = submit_stage(cluster, logs, data, out, "--experiment-id", "one", "--epochs", "2")
+    again_log = Path(finished_ok(cluster, again)["StdOut"]).read_text()
+    assert "stage already complete" in again_log, again_log
+    assert (stage / "metrics.jsonl").read_bytes() == metrics_before
+    assert (stage / "best.pth").stat().st_mtime_ns == best_mtime
+
+
+def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    job = submit_stage(cluster, logs, data, out, "--experiment-id", "sig", "--epochs", "4")
+    log_path = logs / f"fastseg-train-{job}.out"
+    # Signal once training is under way (the trainer's handler is installed before the first step), as
+    # Slurm does with --signal=B:USR1@300 near the time limit: only the batch shell receives it.
+    wait_for_text(cluster, job, log_path, r"epoch 1/4 step 1/", JOB_TIMEOUT)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+
+    info = finished_ok(cluster, job)
+    assert info["Restarts"] == "1", cluster.describe(job)
+    log = log_path.read_text()
+    # --open-mode=append keeps both runs in one log, in this order.
+    expected = [
+        "got SIGUSR1",
+        "stopped by SIGUSR1",
+        f"requeueing job {job}",
+        "(restart 1)",
+        "resumed from",
+        "done: best val mIoU",
+    ]
+    positions = [log.find(text) for text in expected]
+    assert -1 not in positions and positions == sorted(positions), log
+
+    stage = out / "sig" / "profile-1"
+    assert [r["epoch"] for r in records(stage)] == [1, 2, 3, 4], log
+    assert load_checkpoint(stage / "last.pth", "last.pth")["epoch"] == 4
+
+
+def test_curriculum_chain_runs_in_order(cluster, data, tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    command = [
+        "bash", str(ROOT / "submit_curriculum.sh"), "--profiles", "1-2", "--experiment-id", "chain",
+        "--output-dir", str(out), "--data-dir", str(data), "--log-dir", str(logs),
+        "--sbatch-args", " ".join(SBATCH_ARGS),
+        "--eval-args", "--device cpu --batch-size 2 --num-workers 0 --runs 3 --warmup 1 --throughput-batch 2",
+        "--", *PYTHON_ARGS, "--epochs", "1",
+    ]  # fmt: skip
+    done = cluster.run(command, cwd=tmp_path)
+    jobs = dict(re.findall(r"^chain-(\S+): job (\d+)$", done.stdout, flags=re.M))
+    assert list(jobs) == ["teacher-p1", "teacher-p2", "eval"], done.stdout
+    assert f"scancel {' '.join(jobs.values())}" in done.stdout
+
+    for job in jobs.values():
+        finished_ok(cluster, job)
+
+    # Each job started after the one it depends on had ended (the completion log, what `sacct -c` reads).
+    times = {c["JobId"]: (c["StartTime"], c["EndTime"]) for c in cluster.completions()}
+    p1, p2, ev = (times[jobs[name]] for name in ("teacher-p1", "teacher-p2", "eval"))
+    assert p1[1] <= p2[0] and p2[1] <= ev[0], times  # ISO timestamps compare as text
+
+    stage1, stage2 = out / "chain" / "profile-1", out / "chain" / "profile-2"
+    assert json.loads((stage1 / "config.json").read_text())["previous_model_loaded"] is None
+    assert json.loads((stage2 / "config.json").read_text())["previous_model_loaded"] == str(
+        stage1 / "best.pth"
+    )
+
+    report = json.loads((out / "chain" / "efficiency.json").read_text())
+    assert [r["path"] for r in report["results"]] == [str(stage1 / "best.pth"), str(stage2 / "best.pth")]
+    assert list((out / "chain" / "efficiency").glob("*.png")), "no plots"
+
+
+def test_several_tasks_run_one_process_each_through_srun(cluster, data, tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    job = submit_stage(
+        cluster,
+        logs,
+        data,
+        out,
+        "--experiment-id",
+        "ddp",
+        "--epochs",
+        "1",
+        sbatch_args=("--gpus-per-node=2", "--ntasks-per-node=2"),
+    )
+    log = Path(finished_ok(cluster, job)["StdOut"]).read_text()
+    assert "srun --kill-on-bad-exit=1" in log
+    # Two processes split the four training images: one step of 2 + 2 per epoch instead of two.
+    assert "epoch 1/1 step 1/1 " in log and "step 1/2 " not in log, log
+    assert [r["epoch"] for r in records(out / "ddp" / "profile-1")] == [1]
+
+
+# --------------------------------------------------------------------------------- without Slurm
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "submit_curriculum.sh"), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_dry_run_prints_the_chain():
+    done = dry_run(
+        "--profiles",
+        "1-3",
+        "--experiment-id",
+        "run",
+        "--with-student",
+        "--sbatch-args",
+        "--time=2:00:00 --qos=long",
+        "--",
+        "--epochs",
+        "7",
+    )
+    assert done.returncode == 0, done.stderr
+    jobs = [line for line in done.stdout.splitlines() if line.startswith("job")]
+    assert len(jobs) == 7  # three teacher stages, three student stages, the evaluation
+    teacher, student, evaluation = jobs[:3], jobs[3:6], jobs[6]
+    for i, line in enumerate(teacher, start=1):
+        assert f"jobscript_slurm.sh --experiment-id run --profile {i}" in line
+        assert f"--previous-model-path {'none' if i == 1 else 'auto'}" in line
+    for i, line in enumerate(student, start=1):
+        assert f"jobscript_slurm_distillation.sh --experiment-id run-student --profile {i}" in line
+        assert f"--previous-student-model-path {'none' if i == 1 else 'auto'}" in line
+        assert "--trained-teacher-model-path checkpoints/run/profile-3/best.pth" in line
+    for n, line in enumerate(jobs, start=1):
+        assert line.startswith(f"job{n}=$(sbatch --parsable ")
+        assert "--time=2:00:00 --qos=long" in line
+        assert ("--epochs 7" in line) == (n < 7)  # pass-through reaches the trainers only
+        if 1 < n < 7:
+            assert f'"--dependency=afterok:$job{n - 1}"' in line
+    assert jobs[0].count("--dependency") == 0
+    assert '"--dependency=afterok:$job1:$job2:$job3:$job4:$job5:$job6"' in evaluation
+    assert "evaluate_efficiency.sh --current-model-path checkpoints/run/profile-1/best.pth" in evaluation
+    assert "checkpoints/run-student/profile-3/best.pth" in evaluation
+    assert "scancel $job1 $job2 $job3 $job4 $job5 $job6 $job7" in done.stdout
+    # The printed commands are a shell script as they stand.
+    assert subprocess.run(["bash", "-n"], input=done.stdout, text=True).returncode == 0
+
+
+def test_dry_run_continues_a_run_and_rejects_bad_options():
+    done = dry_run("--profiles", "3,4", "--experiment-id", "run", "--no-eval")
+    assert done.returncode == 0, done.stderr
+    jobs = [line for line in done.stdout.splitlines() if line.startswith("job")]
+    assert len(jobs) == 2 and "--profile 3 --previous-model-path auto" in jobs[0]
+
+    for args, message in [
+        (("--profiles", "3-1"), "ranges go up"),
+        (("--profiles", "2,1"), "ascending"),
+        (("--profiles", "6"), "profiles 1..5"),
+        (("--profiles", "2-3"), "give its --experiment-id"),
+        (("--student-only",), "needs --teacher-model-path"),
+        (("--", "--profile", "2"), "set per stage"),
+        (("--", "--output-dir=x"), "option of submit_curriculum.sh"),
+        (("--frobnicate",), "unknown option"),
+    ]:
+        done = dry_run(*args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
