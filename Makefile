@@ -13,8 +13,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
+# The main job on the embedded synthetic dataset: teacher and student through profiles 1 -> 2, then the report.
 demo: $(STAMP)
-	$(PY) fast_scnn.py
+	PYTHON=$(PY) bash demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q
