@@ -884,16 +884,20 @@ def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike
             continue
         fig, ax = plt.subplots(figsize=(7, 5))
         for metric, marker, colour in (("miou", "o", "#3b75af"), ("dice", "^", "#dd8452")):
-            xs = [x for x, row, _ in points if row.get(metric) is not None]
-            ys = [100 * row[metric] for _, row, _ in points if row.get(metric) is not None]
+            kept = [(x, 100 * row[metric], row) for x, row, _ in points if row.get(metric) is not None]
             ax.plot(
-                xs,
-                ys,
+                [x for x, _, _ in kept],
+                [y for _, y, _ in kept],
                 marker=marker,
                 linestyle="none",
                 color=colour,
                 label="mIoU" if metric == "miou" else "Dice",
             )
+            # A faint line joins the stages of one experiment, so a curriculum reads as a path.
+            for experiment in {row.get("experiment_id") for _, _, row in kept}:
+                path_points = sorted((x, y) for x, y, row in kept if row.get("experiment_id") == experiment)
+                if len(path_points) > 1:
+                    ax.plot(*zip(*path_points), color=colour, alpha=0.35, linewidth=1)
         for x, row, label in points:
             ax.annotate(label, (x, 100 * row["miou"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(xlabel)
