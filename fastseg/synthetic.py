@@ -40,7 +40,8 @@ from tqdm import tqdm
 from fastseg.data import ID_TO_TRAIN_ID
 from fastseg.errors import UserError, run_cli
 
-# Bumped whenever a change to the drawing makes the same parameters give different pixels.
+# Bumped whenever a change to the drawing makes the same parameters give different pixels. Recorded in the marker
+# for information only: a dataset from an older version is still a valid dataset and is kept.
 GENERATOR_VERSION = 1
 GENERATOR = "fastseg.synthetic"  # written into the marker; also what `python -m` runs
 MARKER = "synthetic.json"
@@ -1244,7 +1245,9 @@ def generate(out_dir: str | os.PathLike, train: int = 20, val: int = 10, test: i
     params = _check_params(train, val, test, width, height, seed, train_ids)
     workers = _whole("--workers", workers, 1)
     root = Path(out_dir)
-    _read_marker(root)  # refuse a foreign directory before putting a lock file in it
+    marker = _read_marker(root)  # refuse a foreign directory before putting a lock file in it
+    if marker is not None and marker.get("params") == params and marker.get("complete"):
+        return root  # done already; no lock needed, so a read-only copy works too
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         marker = _read_marker(root)
