@@ -1257,8 +1257,8 @@ def generate(out_dir: str | os.PathLike, train: int = 20, val: int = 10, test: i
         if marker is not None and marker.get("complete"):
             return root
         _write_marker(root, params, complete=False)
-        for tmp in root.glob("*/*/*/.*.tmp-*"):  # leftovers of an interrupted run
-            tmp.unlink()
+        for tmp in [*root.glob("*/*/*/.*.tmp-*"), *root.glob(f".{MARKER}.tmp-*")]:  # left by a killed run
+            tmp.unlink(missing_ok=True)
         jobs = [(str(root), split, i, params["width"], params["height"], params["seed"], params["train_ids"])
                 for split in SPLITS for i in range(params[split])]
         bar = tqdm(total=len(jobs), desc=f"synthetic {width}x{height}", unit="img", disable=not progress)
