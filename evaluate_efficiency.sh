@@ -20,7 +20,7 @@
 set -euo pipefail
 
 # One or more checkpoints; a quoted glob is expanded by evaluate_efficiency.py (every stage of a run).
-CURRENT_MODEL_PATH=("checkpoints/fastscnn-curriculum/profile-*/best.pth")
+CURRENT_MODEL_PATH=("checkpoints/fast_scnn/profile-*/best.pth")
 DATA_DIR=data/cityscapes            # leftImg8bit/ and gtFine/ inside; the val split is scored
 OUTPUT=results/efficiency.json      # one object per checkpoint
 PLOTS=results/efficiency            # accuracy vs GFLOPs and vs latency, per-class IoU

@@ -11,7 +11,7 @@
 # $OUTPUT_DIR/$EXPERIMENT_ID/profile-$PROFILE/{best.pth,last.pth,metrics.jsonl}.
 set -euo pipefail
 
-EXPERIMENT_ID=fastscnn-curriculum   # names the run; every stage of one curriculum shares it
+EXPERIMENT_ID=fast_scnn             # names the run; every stage of one curriculum shares it
 PROFILE=1                           # curriculum stage 1..5: 576x288 -> 2048x1024 (see README)
 PREVIOUS_MODEL_PATH=auto            # auto: best.pth of the previous profile of this run; none; or a .pth
 DATA_DIR=data/cityscapes            # leftImg8bit/ and gtFine/ inside
@@ -19,7 +19,7 @@ OUTPUT_DIR=checkpoints
 EPOCHS=100
 BATCH_SIZE=16                       # per GPU
 LR=1e-3                             # AdamW, as the earlier runs
-NUM_WORKERS=16                      # data-loading processes per GPU (jobs get 18 CPUs per GPU)
+NUM_WORKERS=8                       # data-loading processes per GPU
 SEED=0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -12,9 +12,10 @@
 # $OUTPUT_DIR/$EXPERIMENT_ID/profile-$PROFILE/{best.pth,last.pth,metrics.jsonl}.
 set -euo pipefail
 
-EXPERIMENT_ID=fastscnn-student      # names the student's run; every stage of one curriculum shares it
+EXPERIMENT_ID=fast_scnn_student     # the student's run; every stage of one curriculum shares it
 PROFILE=1                           # curriculum stage 1..5: 576x288 -> 2048x1024 (see README)
-TRAINED_TEACHER_MODEL_PATH=checkpoints/fastscnn-curriculum/profile-5/best.pth   # frozen teacher
+# The frozen teacher: best.pth of the last stage of its curriculum (see main.sh).
+TRAINED_TEACHER_MODEL_PATH=checkpoints/fast_scnn/profile-5/best.pth
 PREVIOUS_STUDENT_MODEL_PATH=auto    # auto: best.pth of the previous profile of this run; none; or a .pth
 ALPHA=0.5                           # weight of the distillation term; 1 - ALPHA goes to cross-entropy
 TEMPERATURE=4.0                     # softens both distributions in the KL term
@@ -23,7 +24,7 @@ OUTPUT_DIR=checkpoints
 EPOCHS=100
 BATCH_SIZE=16                       # per GPU
 LR=1e-3                             # AdamW, as the earlier runs
-NUM_WORKERS=16                      # data-loading processes per GPU (jobs get 18 CPUs per GPU)
+NUM_WORKERS=8                       # data-loading processes per GPU
 SEED=0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -18,7 +18,7 @@ usage() {
 usage: submit_curriculum.sh [options] [-- arguments for train.py / train_distillation.py]
 
   --profiles LIST          stages to run, ascending: 1-5 (default), 1,2,3 or 2-4
-  --experiment-id ID       the run's name (default: fastscnn-<date>-<time>); the student's is ID-student
+  --experiment-id ID       the run's name (default: fast_scnn-<date>-<time>); the student's is ID_student
   --output-dir DIR         where checkpoints go (default: checkpoints)
   --data-dir DIR           Cityscapes root for every job (default: the one set in main.sh and friends)
   --previous-model-path P  weights for the first teacher stage (default: none for profile 1, else auto)
@@ -120,14 +120,14 @@ last=${profiles[${#profiles[@]} - 1]}
 if [[ -z $experiment_id ]]; then
     # Starting above profile 1 continues an earlier run, whose name is needed to find its checkpoints.
     [[ $first -eq 1 || -n $first_previous ]] || die "--profiles $profiles_spec continues a run: give its --experiment-id"
-    experiment_id="fastscnn-$(date +%Y%m%d-%H%M%S)"
+    experiment_id="fast_scnn-$(date +%Y%m%d-%H%M%S)"
 fi
 [[ -n $teacher_model ]] || teacher_model="$output_dir/$experiment_id/profile-$last/best.pth"
 # A run that starts above profile 1 continues an earlier one: take the stage before from the same run.
 if [[ -z $first_previous ]]; then
     if [[ $first -eq 1 ]]; then first_previous=none; else first_previous=auto; fi
 fi
-student_id="$experiment_id-student"
+student_id="${experiment_id}_student"
 
 read -ra extra_sbatch <<<"$sbatch_args"
 read -ra extra_eval <<<"$eval_args"

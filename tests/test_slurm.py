@@ -147,6 +147,25 @@ def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
     assert load_checkpoint(stage / "last.pth", "last.pth")["epoch"] == 4
 
 
+def test_scancel_saves_last_and_the_job_stays_cancelled(cluster, data, tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    job = submit_stage(cluster, logs, data, out, "--experiment-id", "cancel", "--epochs", "4")
+    log_path = logs / f"fastseg-train-{job}.out"
+    wait_for_text(cluster, job, log_path, r"epoch 1/4 step 1/", JOB_TIMEOUT)
+    cluster.run(["scancel", job])  # SIGTERM to the batch shell and the trainer alike
+
+    def script_done() -> bool:
+        return "payload saved last.pth" in log_path.read_text(errors="replace")
+
+    cluster.wait_until(script_done, JOB_TIMEOUT, "the job script to finish", lambda: cluster.describe(job))
+    info = cluster.wait_finished(job, JOB_TIMEOUT)
+    # The trainer saved its state, but a job the user cancelled is not brought back by a requeue.
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", cluster.describe(job)
+    assert "not requeueing after SIGTERM" in log_path.read_text()
+    assert (out / "cancel" / "profile-1" / "last.pth").is_file()
+
+
 def test_curriculum_chain_runs_in_order(cluster, data, tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "out"
     command = [
@@ -202,6 +221,102 @@ def test_several_tasks_run_one_process_each_through_srun(cluster, data, tmp_path
 
 
 # --------------------------------------------------------------------------------- without Slurm
+# A stand-in interpreter that prints what it was asked to run, so the wrappers can be checked on their own.
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\n' "interpreter=$0" "WANDB_API_KEY=${WANDB_API_KEY:-}" "PYTHON=${PYTHON:-}" "$@"
+"""
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """The wrappers and job scripts copied into an empty project directory."""
+    project = tmp_path / "project"
+    (project / "tools").mkdir(parents=True)
+    for name in (
+        "main.sh",
+        "main_distillation.sh",
+        "jobscript_slurm.sh",
+        "evaluate_efficiency.sh",
+        "tools/launch.sh",
+    ):
+        (project / name).write_text((ROOT / name).read_text())
+    return project
+
+
+def executable(path: Path, text: str = RECORDER) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_lines(argv: list[str], cwd: Path, **env: str) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_API_KEY", "PYTHON"))}
+    done = subprocess.run(argv, cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_main_sh_puts_extra_arguments_last_and_reads_dotenv(tmp_path):
+    project = project_copy(tmp_path)
+    python = executable(project / ".venv" / "bin" / "python")
+    (project / ".env").write_text("# secrets\nWANDB_API_KEY='from-dotenv'\nEMPTY=\n")
+
+    lines = run_lines(["bash", "main.sh", "--epochs", "1", "--profile", "3"], project)
+    assert lines[0] == f"interpreter={python}"  # the project's .venv when $PYTHON is not set
+    assert "WANDB_API_KEY=from-dotenv" in lines
+    args = lines[3:]
+    assert args[0] == str(project / "train.py")
+    assert args[-4:] == ["--epochs", "1", "--profile", "3"]  # after the defaults: argparse keeps the last
+    assert args[args.index("--epochs") + 1] == "100" and args[args.index("--resume") + 1] == "auto"
+
+    # The environment wins over .env; $PYTHON (set by the job scripts) wins over .venv.
+    other = executable(tmp_path / "bin" / "python")
+    lines = run_lines(
+        ["bash", str(project / "main_distillation.sh"), "--alpha", "1"],
+        tmp_path,
+        WANDB_API_KEY="from-env",
+        PYTHON=str(other),
+    )
+    assert lines[0] == f"interpreter={other}" and "WANDB_API_KEY=from-env" in lines
+    assert lines[3] == str(project / "train_distillation.py") and lines[-2:] == ["--alpha", "1"]
+
+
+@pytest.mark.parametrize("runtime", ["container", "venv", "path"])
+def test_job_script_picks_container_then_venv_then_python3(tmp_path, runtime):
+    project = project_copy(tmp_path)
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "apptainer")
+    executable(bin_dir / "python3")
+    if runtime == "container":
+        (project / "container.sif").write_text("")
+    if runtime in ("container", "venv"):
+        executable(project / ".venv" / "bin" / "python")
+
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    lines = run_lines(
+        ["bash", "jobscript_slurm.sh", "--epochs", "3"], project, SLURM_SUBMIT_DIR=str(project), PATH=path
+    )
+    # What the payload printed: between the launcher's "job ..." line and its "payload exited" line.
+    start = next(i for i, line in enumerate(lines) if line.startswith("job local"))
+    assert lines[-1].endswith("payload exited with status 0")
+    runs = lines[start + 1 : -1]
+    if runtime == "container":
+        assert runs[0] == f"interpreter={bin_dir}/apptainer" and "PYTHON=python3" in runs
+        assert runs[3:] == [
+            "exec",
+            "--nv",
+            str(project / "container.sif"),
+            "bash",
+            "main.sh",
+            "--epochs",
+            "3",
+        ]
+    else:
+        interpreter = project / ".venv" / "bin" / "python" if runtime == "venv" else bin_dir / "python3"
+        assert runs[0] == f"interpreter={interpreter}"
+        assert runs[3] == str(project / "train.py") and runs[-2:] == ["--epochs", "3"]
+
+
 def dry_run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(ROOT / "submit_curriculum.sh"), "--dry-run", *args],
@@ -232,7 +347,7 @@ def test_dry_run_prints_the_chain():
         assert f"jobscript_slurm.sh --experiment-id run --profile {i}" in line
         assert f"--previous-model-path {'none' if i == 1 else 'auto'}" in line
     for i, line in enumerate(student, start=1):
-        assert f"jobscript_slurm_distillation.sh --experiment-id run-student --profile {i}" in line
+        assert f"jobscript_slurm_distillation.sh --experiment-id run_student --profile {i}" in line
         assert f"--previous-student-model-path {'none' if i == 1 else 'auto'}" in line
         assert "--trained-teacher-model-path checkpoints/run/profile-3/best.pth" in line
     for n, line in enumerate(jobs, start=1):
@@ -244,7 +359,7 @@ def test_dry_run_prints_the_chain():
     assert jobs[0].count("--dependency") == 0
     assert '"--dependency=afterok:$job1:$job2:$job3:$job4:$job5:$job6"' in evaluation
     assert "evaluate_efficiency.sh --current-model-path checkpoints/run/profile-1/best.pth" in evaluation
-    assert "checkpoints/run-student/profile-3/best.pth" in evaluation
+    assert "checkpoints/run_student/profile-3/best.pth" in evaluation
     assert "scancel $job1 $job2 $job3 $job4 $job5 $job6 $job7" in done.stdout
     # The printed commands are a shell script as they stand.
     assert subprocess.run(["bash", "-n"], input=done.stdout, text=True).returncode == 0

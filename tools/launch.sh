@@ -61,11 +61,13 @@ fastseg_select_runtime() {
 }
 
 # fastseg_run_job CMD...: run CMD (with FASTSEG_LAUNCH in front) as the job's payload and return its status.
-# With several tasks (sbatch --ntasks/--ntasks-per-node) it goes through srun, one process per task; the
+# With several tasks (sbatch --ntasks-per-node/--ntasks) it goes through srun, one process per task; the
 # trainer reads SLURM_PROCID/SLURM_NTASKS to set up DistributedDataParallel.
 # `#SBATCH --signal=B:USR1@300` signals only this batch shell, so the signal is passed on to the payload
 # (srun forwards it to every task); the trainer then saves last.pth and exits 75, and the job is requeued
-# with the same arguments, where `--resume auto` continues from last.pth. SIGTERM is passed on the same way.
+# with the same arguments, where `--resume auto` continues from last.pth.
+# SIGTERM (scancel, or preemption) is passed on too, so last.pth is saved, but the job is not requeued:
+# a cancelled job stays cancelled, and a preempted one is requeued by Slurm itself where the site wants it.
 fastseg_run_job() {
     local cmd=("${FASTSEG_LAUNCH[@]}" "$@")
     if [[ ${SLURM_NTASKS:-1} -gt 1 ]]; then
@@ -74,12 +76,13 @@ fastseg_run_job() {
     fi
     echo "job ${SLURM_JOB_ID:-local} on $(hostname) at $(date -Is) (restart ${SLURM_RESTART_COUNT:-0}): ${cmd[*]}"
 
+    FASTSEG_GOT_TERM=0
     "${cmd[@]}" &
     local child=$! status
     # shellcheck disable=SC2064 # the child's pid is fixed now
     trap "echo \"\$(date -Is) got SIGUSR1: asking the payload to save last.pth and stop\"; kill -USR1 $child 2>/dev/null || true" USR1
     # shellcheck disable=SC2064
-    trap "echo \"\$(date -Is) got SIGTERM: asking the payload to save last.pth and stop\"; kill -TERM $child 2>/dev/null || true" TERM
+    trap "FASTSEG_GOT_TERM=1; echo \"\$(date -Is) got SIGTERM: asking the payload to save last.pth and stop\"; kill -TERM $child 2>/dev/null || true" TERM
     while :; do
         wait "$child" && status=0 || status=$?
         # A trapped signal interrupts `wait` (status > 128) while the payload is still running.
@@ -91,7 +94,11 @@ fastseg_run_job() {
     trap - USR1 TERM
 
     if [[ $status -eq $FASTSEG_REQUEUE_EXIT && -n ${SLURM_JOB_ID:-} ]]; then
-        echo "$(date -Is) payload saved its state (exit $status); requeueing job $SLURM_JOB_ID"
+        if [[ $FASTSEG_GOT_TERM -eq 1 ]]; then
+            echo "$(date -Is) payload saved last.pth (exit $status); not requeueing after SIGTERM: resubmit to continue"
+            return "$status"
+        fi
+        echo "$(date -Is) payload saved last.pth (exit $status); requeueing job $SLURM_JOB_ID"
         if scontrol requeue "$SLURM_JOB_ID"; then
             return "$status"
         fi
