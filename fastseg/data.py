@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import struct
 import sys
 import time
@@ -415,7 +416,7 @@ def _build(entry: Path, samples: Sequence[Sample], resize_hw, split: str, worker
     sizes = _header_sizes(samples)
     n = len(samples)
     names = _array_names(resize_hw)
-    tmp = [entry / f".{name}.tmp-{os.getpid()}" for name in names]
+    tmp = [entry / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}" for name in names]
     index = None
     if resize_hw is None:
         counts = np.array([h * w for h, w in sizes], dtype=np.int64)
@@ -481,7 +482,9 @@ def _build(entry: Path, samples: Sequence[Sample], resize_hw, split: str, worker
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on ``path``; yields False where the file system has no flock (some
+    Lustre mounts): building stays correct then (unique temp names, atomic renames), only not shared."""
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -490,8 +493,12 @@ def _locked(path: Path) -> Iterator[None]:
                 f"waiting for another process building the data cache ({path})", file=sys.stderr, flush=True
             )
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:
+            print(f"note: no file locking on {path.parent} ({exc}); building without it", file=sys.stderr)
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -550,10 +557,11 @@ def open_cache(
         raise UserError(
             f"{root}: cannot create the data cache there ({exc}); set {CACHE_ENV} or --cache-dir"
         ) from None
-    with _locked(root / group / f"{entry_name}.lock"):
+    with _locked(root / group / f"{entry_name}.lock") as exclusive:
         if not all((entry / name).is_file() for name in names):
-            for leftover in entry.glob(".*.tmp-*"):  # from a builder that was killed; we hold the lock
-                leftover.unlink(missing_ok=True)
+            if exclusive:  # temp files left by a builder that was killed
+                for leftover in entry.glob(".*.tmp-*"):
+                    leftover.unlink(missing_ok=True)
             t0 = time.perf_counter()
             _build(entry, samples, resize_hw, split, workers)
             print(f"data cache ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -866,6 +874,12 @@ def _affine_cpu(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return out
 
 
+def _affine_bmm(xf: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``a @ x + t`` per image as one batched matrix product (the accelerator path)."""
+    n = xf.shape[0]
+    return torch.bmm(a, xf.view(n, 3, -1)).view_as(xf).add_(t[:, :, None, None])
+
+
 def prepare_batch(
     images_u8: torch.Tensor,
     labels_u8: torch.Tensor,
@@ -906,7 +920,7 @@ def prepare_batch(
     if on_cpu:
         out = _affine_cpu(x, a, t)
     else:
-        out = torch.bmm(a, xf.view(n, 3, -1)).view_as(xf).add_(t[:, :, None, None])
+        out = _affine_bmm(xf, a, t)
     if jittered:  # (without jitter the values are in range already)
         # One channel at a time with scalar bounds: ~8× faster on the CPU than per-channel bound tensors.
         for c, (m, s) in enumerate(zip(MEAN, STD)):

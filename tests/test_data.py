@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import runpy
+import sys
 import time
 from pathlib import Path
 
@@ -456,3 +458,64 @@ def test_bad_data_dir_and_empty_split(tmp_path: Path, cityscapes: Path):
     assert str(cityscapes / "leftImg8bit" / "test") in str(err.value)
     with pytest.raises(UserError, match="--label-resolution"):
         D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="half")
+
+
+def test_cpu_and_accelerator_colour_paths_agree():
+    images = torch.randint(0, 256, (3, 3, 5, 9), dtype=torch.uint8)
+    a, t = torch.randn(3, 3, 3) / 100, torch.randn(3, 3)
+    torch.testing.assert_close(D._affine_cpu(images, a, t), D._affine_bmm(images.float(), a, t))
+    torch.testing.assert_close(D._channel_means_cpu(images), images.float().mean(dim=(2, 3)) / 255)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prepare_batch_on_cuda_matches_cpu():
+    images = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8).pin_memory()
+    labels = torch.randint(0, 19, (2, 16, 24), dtype=torch.uint8).pin_memory()
+    cpu, cpu_labels = D.prepare_batch(images, labels, "cpu", train=False)
+    gpu, gpu_labels = D.prepare_batch(images, labels, "cuda", train=False, channels_last=True)
+    assert gpu.is_cuda and gpu.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gpu.cpu(), cpu)
+    assert torch.equal(gpu_labels.cpu(), cpu_labels)
+    gen = torch.Generator(device="cuda")
+    first, _ = D.prepare_batch(images, labels, "cuda", train=True, generator=gen.manual_seed(5))
+    again, _ = D.prepare_batch(images, labels, "cuda", train=True, generator=gen.manual_seed(5))
+    assert torch.equal(first, again) and not torch.allclose(first, gpu)
+    mean, std = (
+        torch.tensor(D.MEAN, device="cuda").view(1, 3, 1, 1),
+        torch.tensor(D.STD, device="cuda").view(1, 3, 1, 1),
+    )
+    back = first * std + mean
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5
+
+
+def test_bench_data_runs_both_modes(cityscapes: Path, monkeypatch, capsys):
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"))
+    argv = [
+        "bench_data.py",
+        "--data-dir",
+        str(cityscapes),
+        "--profile",
+        "1",
+        "--batches",
+        "1",
+        "--warmup",
+        "1",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        assert bench["main"]() == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("images/s ") and float(lines[-1].split()[1]) > 0
+    assert any(line.startswith("cache: built") for line in lines)
+    assert any(line.startswith("plain:") for line in lines) and any(
+        line.startswith("ratio") for line in lines
+    )
