@@ -4,7 +4,8 @@ Debian's Slurm 22.05 (``slurmctld``, ``slurmd``, ``slurm-client``, ``munge``; ``
 started as root with its configuration, state, spool, logs and munge key in a fresh temporary directory,
 on free TCP ports and a private munge socket, so it cannot clash with a Slurm or munge already on the
 machine. Commands reach it through ``SLURM_CONF`` (``cluster.env``). Everything it started is stopped on
-exit, running jobs included.
+exit, running jobs included. The one lasting change: the host's name is added to /etc/hosts when it does
+not resolve, as slurmd needs.
 
 The node pretends to have GPUs so job scripts asking for ``--gpus=1`` are accepted: a GRES whose ``File=``
 entries are symlinks to /dev/null (a count-only GRES makes the node INVALID and plain files are refused).
@@ -402,14 +403,9 @@ def slurm_cluster(gpus: int = 2, keep: bool = False) -> Iterator[SlurmCluster]:
 if __name__ == "__main__":
     with slurm_cluster() as c:
         print(c.run(["sinfo"]).stdout)
+        out = c.root / "hello.out"
         jid = c.sbatch(
-            [
-                "--gpus=1",
-                "--cpus-per-task=1",
-                f"--output={c.root}/hello-%j.out",
-                "--wrap",
-                "hostname; nvidia-smi -L || true",
-            ]
+            ["--gpus=1", "--cpus-per-task=1", f"--output={out}", "--wrap", "echo GPU $CUDA_VISIBLE_DEVICES"]
         )
-        print(c.wait_finished(jid, 60)["JobState"], (c.root / f"hello-{jid}.out").read_text())
+        print(c.wait_finished(jid, 60)["JobState"], out.read_text())
         print(c.run(["sacct", "-c", "-j", jid]).stdout)

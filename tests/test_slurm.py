@@ -58,14 +58,15 @@ def submit_stage(
     out: Path,
     *python_args: str,
     sbatch_args: tuple[str, ...] = (),
+    script: str = "jobscript_slurm.sh",
 ) -> str:
-    """sbatch jobscript_slurm.sh from the project directory, as users do."""
+    """sbatch a job script from the project directory, as users do."""
     return cluster.sbatch(
         [
             *SBATCH_ARGS,
             f"--output={logs}/%x-%j.out",
             *sbatch_args,
-            "jobscript_slurm.sh",
+            script,
             *PYTHON_ARGS,
             "--data-dir",
             str(data),
@@ -92,7 +93,7 @@ def wait_for_text(cluster: SlurmCluster, job_id: str, path: Path, pattern: str, 
     cluster.wait_until(found, timeout, f"{pattern!r} in {path}", lambda: cluster.describe(job_id))
 
 
-def test_stage_completes_and_a_finished_stage_is_not_retrained(cluster, data, tmp_path):
+def test_stage_completes_is_not_retrained_and_teaches_a_student(cluster, data, tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "out"
     logs.mkdir()
     job = submit_stage(cluster, logs, data, out, "--experiment-id", "one", "--epochs", "2")
@@ -115,6 +116,18 @@ def test_stage_completes_and_a_finished_stage_is_not_retrained(cluster, data, tm
     assert "stage already complete" in again_log, again_log
     assert (stage / "metrics.jsonl").read_bytes() == metrics_before
     assert (stage / "best.pth").stat().st_mtime_ns == best_mtime
+
+    # The distillation job script, with this stage as the teacher.
+    student = submit_stage(
+        cluster, logs, data, out, "--experiment-id", "student", "--epochs", "1",
+        "--trained-teacher-model-path", str(stage / "best.pth"), script="jobscript_slurm_distillation.sh",
+    )  # fmt: skip
+    student_log = Path(finished_ok(cluster, student)["StdOut"]).read_text()
+    assert "bash main_distillation.sh" in student_log
+    config = json.loads((out / "student" / "profile-1" / "config.json").read_text())
+    assert config["trained_teacher_model_path"] == str(stage / "best.pth")
+    assert [r["epoch"] for r in records(out / "student" / "profile-1")] == [1]
+    assert "train_kd_loss" in records(out / "student" / "profile-1")[0]
 
 
 def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
