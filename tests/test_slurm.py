@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import slurm_cluster as harness
 from conftest import ROOT, TINY_ARGS
 from slurm_cluster import SlurmCluster, SlurmError, SlurmUnavailable, slurm_cluster
 
@@ -396,3 +397,13 @@ def test_dry_run_continues_a_run_and_rejects_bad_options():
     ]:
         done = dry_run(*args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+
+
+def test_without_root_slurm_is_unavailable_rather_than_broken(monkeypatch):
+    monkeypatch.setattr(harness.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(harness, "missing_programs", lambda: ["slurmctld"])
+    with pytest.raises(SlurmUnavailable, match="needs root"), slurm_cluster():
+        pass
+    monkeypatch.setattr(harness, "missing_programs", lambda: [])
+    with pytest.raises(SlurmUnavailable, match="as root"), slurm_cluster():
+        pass
