@@ -9,8 +9,10 @@
 # Each teacher stage runs jobscript_slurm.sh (main.sh, train.py) with --previous-model-path auto, so it
 # starts from the best.pth of the stage before. The student (jobscript_slurm_distillation.sh) is taught
 # by the teacher's last best.pth. The last job runs evaluate_efficiency.sh over every stage's best.pth.
-# A job that fails stops the jobs after it (they stay pending with DependencyNeverSatisfied: scancel them).
-# Time limits are handled inside each job: it saves last.pth, requeues itself and resumes.
+# A job that fails cancels the jobs after it (--kill-on-invalid-dep); fix the cause and submit again with
+# the same --experiment-id and --profiles from the failed stage on: finished stages are not retrained.
+# Time limits are handled inside each job: it saves last.pth, requeues itself and resumes, and the jobs
+# after it keep waiting for it.
 set -euo pipefail
 
 usage() {
@@ -166,7 +168,7 @@ submit() {
     local name=$1 after=$2
     shift 2
     local cmd=(sbatch --parsable --job-name="$name" --output="$log_dir/%x-%j.out")
-    [[ -z $after ]] || cmd+=(--dependency="afterok:$after")
+    [[ -z $after ]] || cmd+=(--dependency="afterok:$after" --kill-on-invalid-dep=yes)
     cmd+=("${extra_sbatch[@]}" "$@")
     job_count=$((job_count + 1))
     if [[ $dry_run -eq 1 ]]; then

@@ -369,7 +369,7 @@ def test_dry_run_prints_the_chain():
         assert "--time=2:00:00 --qos=long" in line
         assert ("--epochs 7" in line) == (n < 7)  # pass-through reaches the trainers only
         if 1 < n < 7:
-            assert f'"--dependency=afterok:$job{n - 1}"' in line
+            assert f'"--dependency=afterok:$job{n - 1}" --kill-on-invalid-dep=yes' in line
     assert jobs[0].count("--dependency") == 0
     assert '"--dependency=afterok:$job1:$job2:$job3:$job4:$job5:$job6"' in evaluation
     assert "evaluate_efficiency.sh --current-model-path checkpoints/run/profile-1/best.pth" in evaluation
