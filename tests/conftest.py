@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny sizes for trainer tests: the same code path as a real stage, a hundredth of the pixels.
 TINY_SIZE = (128, 64)  # images the generator writes (W, H)
+TRAIN_IMAGES, VAL_IMAGES = 16, 4
 TINY_ARGS = ["--resize", "128x64", "--patch", "96x48", "--batch-size", "4", "--num-workers", "0",
              "--device", "cpu", "--wandb", "disabled", "--log-every", "1"]
 
@@ -29,9 +30,9 @@ def _quiet_environment(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """12 train and 4 val synthetic street scenes at 128×64 in the Cityscapes layout."""
+    """16 train and 4 val synthetic street scenes at 128×64 in the Cityscapes layout."""
     from fastseg.synthetic import generate
 
     root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
-    generate(root, train=12, val=4, width=TINY_SIZE[0], height=TINY_SIZE[1], seed=0)
+    generate(root, train=TRAIN_IMAGES, val=VAL_IMAGES, width=TINY_SIZE[0], height=TINY_SIZE[1], seed=0)
     return root

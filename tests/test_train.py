@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, TINY_ARGS, TRAIN_IMAGES
 
 import train
 from fastseg.checkpoint import atomic_save, load_checkpoint, load_model
+from fastseg.data import PROFILES, SegmentationDataset
 from fastseg.engine import NonFiniteLoss
 from fastseg.errors import UserError
+from fastseg.metrics import ConfusionMatrix
 from fastseg.stage import REQUEUE_EXIT_CODE, run_stage
 
 
@@ -49,24 +51,35 @@ def with_hook(hook):
 def stage1(synthetic_root, tmp_path_factory) -> Path:
     """Profile 1 trained for a few epochs; shared by the tests that need a trained stage."""
     out = tmp_path_factory.mktemp("runs")
-    code = train.main(argv(synthetic_root, out, "--epochs", "6", "--lr", "5e-3", "--previous-model-path", "none"))
+    code = train.main(argv(synthetic_root, out, "--epochs", "10", "--lr", "1e-2", "--previous-model-path", "none"))
     assert code == 0
     return out
 
 
-def test_stage_learns_and_writes_its_files(stage1):
+def majority_class_miou(data: Path) -> float:
+    """mIoU of always predicting the commonest class: the floor a model must clearly beat."""
+    cm = ConfusionMatrix()
+    labels = [label for _, label, _ in SegmentationDataset(data, "val", PROFILES[1], train=False)]
+    commonest = int(torch.bincount(torch.cat([x.flatten() for x in labels]).long(), minlength=256)[:19].argmax())
+    for label in labels:
+        cm.update(label, torch.full_like(label, commonest))
+    return cm.compute()["miou"]
+
+
+def test_stage_learns_and_writes_its_files(stage1, synthetic_root):
     stage = stage1 / "t" / "profile-1"
     assert {p.name for p in stage.iterdir()} >= {"best.pth", "last.pth", "metrics.jsonl", "config.json"}
     recs = records(stage)
-    assert [r["epoch"] for r in recs] == list(range(1, 7))
+    assert [r["epoch"] for r in recs] == list(range(1, 11))
     for key in ("train_loss", "val_loss", "val_miou", "val_dice", "lr", "images_per_s", "val_per_class_iou"):
         assert key in recs[0], key
     assert all(0.0 <= r["val_miou"] <= 1.0 for r in recs)
-    # Chance for 19 classes is a few percent; a model that learned the scenes' layout is far above it.
-    assert max(r["val_miou"] for r in recs) > 0.15
+    # Always predicting the commonest class (road) scores about 0.02 mIoU here; learning the scenes' layout
+    # and colours lifts it several times higher within these few steps.
+    assert max(r["val_miou"] for r in recs) > 4 * majority_class_miou(synthetic_root)
     assert recs[-1]["train_loss"] < recs[0]["train_loss"]
     cfg = json.loads((stage / "config.json").read_text())
-    assert cfg["profile"] == 1 and cfg["epochs"] == 6 and cfg["lr"] == 5e-3
+    assert cfg["profile"] == 1 and cfg["epochs"] == 10 and cfg["lr"] == 1e-2
     best = load_checkpoint(stage / "best.pth")
     assert best["config"]["experiment_id"] == "t"
     assert best["metrics"]["val_miou"] == max(r["val_miou"] for r in recs)
@@ -77,7 +90,7 @@ def test_stage_learns_and_writes_its_files(stage1):
 def test_finished_stage_is_not_retrained(stage1, synthetic_root, capsys):
     stage = stage1 / "t" / "profile-1"
     before = (stage / "last.pth").stat().st_mtime_ns
-    assert train.main(argv(synthetic_root, stage1, "--epochs", "6", "--previous-model-path", "none")) == 0
+    assert train.main(argv(synthetic_root, stage1, "--epochs", "10", "--previous-model-path", "none")) == 0
     assert "already complete" in capsys.readouterr().out
     assert (stage / "last.pth").stat().st_mtime_ns == before
 
@@ -130,7 +143,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic_root, 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
     cfg = train.parse_config(argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none"))
-    steps_per_epoch = 12 // 4
+    steps_per_epoch = TRAIN_IMAGES // 4
 
     def poison_second_epoch(n, loss):
         return loss * float("nan") if n > steps_per_epoch else loss
