@@ -43,21 +43,12 @@ def synthetic_dir(n: int, width: int, height: int) -> Path:
         ) from None
     print(f"synthetic data: {n} training images of {width}x{height} in {out} (generated once)", flush=True)
     return generate(out, train=n, val=0, test=0, width=width, height=height, seed=0)
-    try:
-        from fastseg.synthetic import generate
-    except ImportError:
-        raise UserError(
-            "--data-dir: not given and fastseg.synthetic is unavailable; pass a Cityscapes copy"
-        ) from None
-    print(f"generating {n} synthetic {width}x{height} training images in {out}", flush=True)
-    generate(out, train=n, val=0, test=0, width=width, height=height, seed=0)
-    (out / ".complete").touch()
-    return out
 
 
 def timed_batches(loader, batches: int, warmup: int, step=None) -> tuple[float, float]:
     """(images/s, seconds) over ``batches`` batches after ``warmup``; epochs restart as needed."""
-    done, images, epoch, t0 = 0, 0, 0, None
+    done, images, epoch = 0, 0, 0
+    t0 = time.perf_counter()  # reset when the warm-up ends
     while done < warmup + batches:
         D.set_epoch(loader, epoch)
         for batch in loader:
@@ -190,7 +181,7 @@ def main() -> int:
     print(
         f"data: {args.data_dir}; profile {profile.index}: resize {profile.resize[0]}x{profile.resize[1]}, "
         f"patch {profile.patch[0]}x{profile.patch[1]}; batch {args.batch_size}, workers {args.workers}, "
-        f"{torch.get_num_threads()} torch threads",
+        f"{torch.get_num_threads()} main-process torch threads",
         flush=True,
     )
     fast = bench_fast(args, profile) if args.mode in ("fast", "both") else None
