@@ -294,23 +294,20 @@ def evaluate_accuracy(
 
 
 def matrix_metrics(matrix: Any) -> dict[str, Any]:
-    """The accuracy part of a report row from a filled ConfusionMatrix (fractions, NaN → None)."""
+    """The accuracy part of a report row from a filled ConfusionMatrix (fractions; absent classes None).
+
+    The matrix itself (rows = ground truth, columns = prediction, train ids) goes along, so any other
+    score can be derived from the report later.
+    """
     scores = matrix.compute()
-    per_class = [_finite_or_none(v) for v in _as_list(scores["per_class_iou"])]
     return {
         "miou": _finite_or_none(scores["miou"]),
         "dice": _finite_or_none(scores["dice"]),
         "pixel_accuracy": _finite_or_none(scores["pixel_accuracy"]),
-        "per_class_iou": per_class,
+        "per_class_iou": [_finite_or_none(v) for v in scores["per_class_iou"]],
+        "per_class_dice": [_finite_or_none(v) for v in scores.get("per_class_dice", [])],
+        "confusion_matrix": matrix.mat.cpu().tolist(),
     }
-
-
-def _as_list(values: Any) -> list[float]:
-    if isinstance(values, dict):
-        return list(values.values())
-    if isinstance(values, torch.Tensor):
-        return values.tolist()
-    return list(np.asarray(values, dtype=float).tolist())
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -292,6 +292,8 @@ def test_accuracy_on_a_hand_checked_case(tmp_path):
     assert scores["pixel_accuracy"] == pytest.approx(6 / 7)
     assert scores["per_class_iou"][:2] == pytest.approx([4 / 5, 2 / 3])
     assert scores["per_class_iou"][2:] == [None] * 17  # absent classes are left out, not zero
+    matrix = np.array(scores["confusion_matrix"])
+    assert matrix.sum() == 7 and matrix[0, 0] == 4 and matrix[0, 1] == 1 and matrix[1, 1] == 2
     saved = np.array(Image.open(tmp_path / "pred" / "aachen_000000_000019_pred_labelIds.png"))
     np.testing.assert_array_equal(saved, [[7, 7, 8, 8], [7, 7, 8, 8]])  # road and sidewalk label ids
 
