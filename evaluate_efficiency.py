@@ -308,6 +308,15 @@ def evaluate_checkpoint(
     return row
 
 
+def check_checkpoints(paths: list[Path], args: argparse.Namespace) -> None:
+    """Read every checkpoint and settle its profile first, so that a bad file or a missing --profile
+    stops the run at once rather than after the checkpoints before it have been evaluated."""
+    from fastseg.checkpoint import load_checkpoint, model_config
+
+    for path in paths:
+        resolve_profile(args, model_config(load_checkpoint(path, flag="--current-model-path")), path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = eff.resolve_device(args.device)
@@ -319,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = eff.expand_checkpoint_paths(args.current_model_path)
     several = len(paths) > 1
 
+    check_checkpoints(paths, args)
     labels = eff.checkpoint_labels(paths)
     results = [evaluate_checkpoint(path, label, args, device, several) for path, label in zip(paths, labels)]
 

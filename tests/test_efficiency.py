@@ -227,18 +227,30 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
     np.testing.assert_allclose(ours, expected, atol=1e-3 * np.abs(expected).max())
 
 
-def test_bad_checkpoints_end_in_one_line(tmp_path, capsys):
+def test_bad_checkpoints_end_in_one_line(checkpoints, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
+    good = str(checkpoints / "baseline" / "profile-1" / "best.pth")
     for argv, match in (
         ([str(tmp_path / "missing.pth")], "--current-model-path"),
-        ([str(corrupt)], "--current-model-path"),
+        ([str(corrupt)], "--current-model-path: .*corrupt.pth"),
         ([str(tmp_path / "*" / "best.pth")], "no file matches"),
+        ([good, str(checkpoints / "plain.pth")], "--profile: .*plain.pth"),
     ):
         with pytest.raises(UserError, match=match):
             evaluate_efficiency.main(["--current-model-path", *argv, "--skip-accuracy", "--skip-speed"])
+    # Every checkpoint is checked before the first is evaluated: the bad second file is reported, not the
+    # missing data directory the first would have run into.
+    bad_second = [
+        "--current-model-path",
+        good,
+        str(corrupt),
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--skip-speed",
+    ]
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: evaluate_efficiency.main(["--current-model-path", str(corrupt), "--skip-speed"]))
+        run_cli(lambda: evaluate_efficiency.main(bad_second))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --current-model-path") and len(err.strip().splitlines()) == 1
