@@ -279,6 +279,7 @@ def evaluate_checkpoint(
             dtype=args.dtype,
             peak_memory_kind=shown["peak_memory_kind"],
             throughput_batch=shown["throughput_batch"],
+            fps_batch1=shown["fps_batch1"],
             bn_folded=speed["bn_folded"],
             speed=speed["by_dtype"],
         )

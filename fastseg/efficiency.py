@@ -466,6 +466,8 @@ def measure_speed(
         "runs": runs,
         "warmup": warmup,
         "fps": throughput_batch / median_batch_s,
+        # What batch-1 latency alone implies; on a CPU a larger batch often does no better.
+        "fps_batch1": 1e3 / _percentile(latencies, 50),
         "throughput_batch": throughput_batch,
         "throughput_runs": throughput_runs,
         "peak_memory_mb": memory["mb"],

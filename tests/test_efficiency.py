@@ -166,6 +166,7 @@ def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, cap
         assert row["macs"] == count_macs(reference, (64, 128)) and row["flops"] == 2 * row["macs"]
         assert row["params"] == count_params(reference)
         assert row["latency_p90_ms"] >= row["latency_ms"] > 0 and row["fps"] > 0
+        assert row["fps_batch1"] == pytest.approx(1e3 / row["latency_ms"]) and row["throughput_batch"] == 2
         assert row["dice_per_gflop"] == pytest.approx(row["dice"] / (row["flops"] / 1e9))
         assert row["miou_per_gflop"] == pytest.approx(row["miou"] / (row["flops"] / 1e9))
         assert len(row["per_class_iou"]) == 19 and row["bn_folded"] is True
