@@ -25,11 +25,16 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 
 
 class StopRequested(Exception):
-    """A signal asked the run to stop after the current step (time limit or preemption)."""
+    """A signal asked the run to stop after the current step (time limit or preemption).
 
-    def __init__(self, step: int):
+    ``partial`` holds the epoch's running sums so far; passed back as ``carry`` on resume, the epoch's
+    recorded losses and throughput cover the whole epoch, not only the part after the restart.
+    """
+
+    def __init__(self, step: int, partial: dict):
         super().__init__(f"stop requested after step {step}")
         self.step = step
+        self.partial = partial
 
 
 class NonFiniteLoss(UserError):
@@ -83,6 +88,7 @@ def train_one_epoch(
     stop_requested: Callable[[], bool] = lambda: False,
     progress=None,
     check_every: int = 20,
+    carry: dict | None = None,
 ) -> dict[str, float]:
     """Train over ``loader`` from ``start_step`` on; returns mean losses and throughput.
 
@@ -91,10 +97,12 @@ def train_one_epoch(
     """
     model = ctx.model
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    images_seen = 0
-    t0 = time.perf_counter()
+    carry = carry or {}
+    sums: dict[str, torch.Tensor] = {
+        k: torch.tensor(v, device=ctx.device) for k, v in carry.get("sums", {}).items()
+    }
+    count, images_seen = carry.get("count", 0), carry.get("images", 0)
+    t0 = time.perf_counter() - carry.get("elapsed", 0.0)
     step = start_step - 1
     for step, batch in enumerate(loader):
         if step < start_step:  # resuming inside an epoch: the order is fixed by (seed, epoch), skip what was done
@@ -134,11 +142,15 @@ def train_one_epoch(
                 images_per_s=images_seen * ctx.world_size / max(elapsed, 1e-9),
             )
         if dist_utils.broadcast_flag(stop_requested(), ctx.device):
-            raise StopRequested(step + 1)
+            partial = {"sums": {k: float(v) for k, v in sums.items()}, "count": count, "images": images_seen,
+                       "elapsed": time.perf_counter() - t0}
+            raise StopRequested(step + 1, partial)
 
     elapsed = time.perf_counter() - t0
     means = {name: dist_utils.all_reduce_mean(float(v) / max(count, 1), ctx.device) for name, v in sums.items()}
-    if count and not math.isfinite(means["loss"]):
+    if not count:
+        raise RuntimeError(f"epoch {epoch + 1} ran no training step (start_step {start_step}, no carried sums)")
+    if not math.isfinite(means["loss"]):
         raise NonFiniteLoss(f"training loss became {means['loss']} in epoch {epoch + 1}; lower --lr")
     means["images_per_s"] = images_seen * ctx.world_size / max(elapsed, 1e-9)
     means["epoch_time_s"] = elapsed

@@ -264,7 +264,7 @@ def _run(cfg, build_objective, device, info) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(ddp_model) if cfg["compile"] else ddp_model
 
-    start_epoch, start_step, best_miou, run_id = 0, 0, -1.0, None
+    start_epoch, start_step, best_miou, run_id, carry = 0, 0, -1.0, None, None
     if resume_ckpt is not None:
         load_weights(model, resume_ckpt, "--resume")
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -274,9 +274,12 @@ def _run(cfg, build_objective, device, info) -> int:
         start_epoch, start_step = resume_ckpt["epoch"], resume_ckpt.get("step", 0)
         best_miou = resume_ckpt.get("best_miou", -1.0)
         run_id = resume_ckpt.get("wandb_run_id")
-        rng = resume_ckpt.get("rng") or {}
-        if info.rank < len(rng.get("ranks", [])):
-            set_rng_state(rng["ranks"][info.rank])
+        rng = resume_ckpt.get("rng") or []
+        if info.rank < len(rng):
+            set_rng_state(rng[info.rank])
+        partial = resume_ckpt.get("partial") or []
+        if start_step and info.rank < len(partial):
+            carry = partial[info.rank]
         say(f"resumed from {out / 'last.pth'}: epoch {start_epoch + 1}, step {start_step}")
 
     if main:
@@ -299,17 +302,18 @@ def _run(cfg, build_objective, device, info) -> int:
         return {"model": model.state_dict(), "config": cfg, "epoch": epoch, "step": step, "metrics": metrics,
                 "best_miou": best_miou, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "wandb_run_id": tracker.run_id, "rng": {"ranks": gather_rng(info)}}
+                "wandb_run_id": tracker.run_id, "rng": gather_objects(info, rng_state())}
 
     for epoch in range(start_epoch, cfg["epochs"]):
         set_epoch(train_loader, epoch)
         progress = Progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", enabled=main,
                             log_every=cfg["log_every"], initial=start_step)
         try:
-            train_metrics = train_one_epoch(ctx, train_loader, epoch, start_step, stop, progress)
+            train_metrics = train_one_epoch(ctx, train_loader, epoch, start_step, stop, progress, carry=carry)
         except StopRequested as req:
             progress.close()
             state = checkpoint(epoch, req.step, {})
+            state["partial"] = gather_objects(info, req.partial)
             if req.step >= steps_per_epoch:  # the stop came on the epoch's last step: finish the epoch next time
                 state["epoch"], state["step"] = epoch, req.step
             if main:
@@ -323,7 +327,7 @@ def _run(cfg, build_objective, device, info) -> int:
             tracker.finish()
             raise
         progress.close()
-        start_step = 0
+        start_step, carry = 0, None
 
         val = evaluate(model, val_loader, device, NUM_CLASSES, amp_dtype,
                        channels_last, on_batch=tracker.val_batch_hook(epoch) if main else None)
@@ -365,9 +369,8 @@ def _run(cfg, build_objective, device, info) -> int:
     return 0
 
 
-def gather_rng(info: dist_utils.DistInfo) -> list[dict]:
-    """Every rank's RNG state (rank 0 writes the checkpoint, each rank restores its own on resume)."""
-    mine = rng_state()
+def gather_objects(info: dist_utils.DistInfo, mine) -> list:
+    """Every rank's copy of a per-rank state (RNG, partial sums): rank 0 saves them all, each restores its own."""
     if not info.distributed:
         return [mine]
     states = [None] * info.world_size

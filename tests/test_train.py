@@ -138,7 +138,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic_root, 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [r["epoch"] for r in records(broken / "t" / "profile-1")] == [1, 2]
+    resumed, whole = records(broken / "t" / "profile-1"), records(straight / "t" / "profile-1")
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_miou", "lr"):  # the split epoch's record covers all of it
+        assert [r[key] for r in resumed] == [r[key] for r in whole], key
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
