@@ -200,8 +200,9 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 SlurmdParameters=config_overrides
-# Short grace periods and a busy scheduler keep cancel, requeue and dependencies quick in tests.
-KillWait=5
+# A busy scheduler keeps requeues and dependencies quick in tests. KillWait (SIGTERM to SIGKILL) stays
+# Slurm's default: a trainer stopped by scancel needs it to finish its step and save last.pth.
+KillWait=30
 SchedulerParameters=sched_interval=1,bf_interval=1
 MinJobAge=600
 GresTypes=gpu
@@ -273,7 +274,7 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
             self.run(["scancel", "--full", "--user", "root"], check=False)
             with contextlib.suppress(SlurmError):
                 self.wait_until(
-                    lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 30, "jobs to end"
+                    lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 45, "jobs to end"
                 )
         self._kill_job_processes()
         for name in ("slurmd", "slurmctld", "munged"):
@@ -350,6 +351,10 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
 
     def wait_finished(self, job_id: str, timeout: float) -> dict[str, str]:
         return self.wait_for_state(job_id, FINISHED_STATES, timeout)
+
+    def in_queue(self, job_id: str) -> bool:
+        """Pending, running or completing: some process of the job may still run."""
+        return bool(self.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False).stdout.strip())
 
     def describe(self, job_id: str) -> str:
         """Job record and its output file, for assertion messages."""
