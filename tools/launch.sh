@@ -99,9 +99,14 @@ fastseg_run_job() {
             return "$status"
         fi
         echo "$(date -Is) payload saved last.pth (exit $status); requeueing job $SLURM_JOB_ID"
-        if scontrol requeue "$SLURM_JOB_ID"; then
-            return "$status"
-        fi
+        local attempt
+        for attempt in 1 2 3; do
+            if scontrol requeue "$SLURM_JOB_ID"; then
+                return "$status"
+            fi
+            # A busy controller can time out; the time limit is minutes away still.
+            [[ $attempt -eq 3 ]] || sleep 10
+        done
         echo "scontrol requeue $SLURM_JOB_ID failed: resubmit this job to continue (it resumes from last.pth)" >&2
     fi
     echo "$(date -Is) payload exited with status $status"
