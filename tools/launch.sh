@@ -80,16 +80,15 @@ fastseg_run_job() {
     "${cmd[@]}" &
     local child=$! status
     # shellcheck disable=SC2064 # the child's pid is fixed now
-    trap "echo \"\$(date -Is) got SIGUSR1: asking the payload to save last.pth and stop\"; kill -USR1 $child 2>/dev/null || true" USR1
+    trap "FASTSEG_INTERRUPTED=1; echo \"\$(date -Is) got SIGUSR1: asking the payload to save last.pth and stop\"; kill -USR1 $child 2>/dev/null || true" USR1
     # shellcheck disable=SC2064
-    trap "FASTSEG_GOT_TERM=1; echo \"\$(date -Is) got SIGTERM: asking the payload to save last.pth and stop\"; kill -TERM $child 2>/dev/null || true" TERM
+    trap "FASTSEG_INTERRUPTED=1; FASTSEG_GOT_TERM=1; echo \"\$(date -Is) got SIGTERM: asking the payload to save last.pth and stop\"; kill -TERM $child 2>/dev/null || true" TERM
     while :; do
+        FASTSEG_INTERRUPTED=0
         wait "$child" && status=0 || status=$?
-        # A trapped signal interrupts `wait` (status > 128) while the payload is still running.
-        if [[ $status -gt 128 ]] && kill -0 "$child" 2>/dev/null; then
-            continue
-        fi
-        break
+        # A trapped signal makes `wait` return early (status > 128): wait again for the payload's own
+        # status (bash keeps it even when the payload has ended meanwhile).
+        [[ $FASTSEG_INTERRUPTED -eq 1 ]] || break
     done
     trap - USR1 TERM
 
