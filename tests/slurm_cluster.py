@@ -378,13 +378,14 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
         timeout: float,
         what: str,
         diagnostics: Callable[[], str] | None = None,
+        poll: float = POLL_S,
     ) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 detail = f"\n{diagnostics()}" if diagnostics else ""
                 raise SlurmError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
-            time.sleep(POLL_S)
+            time.sleep(poll)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ SBATCH_ARGS = ["--cpus-per-task=1"]
 # Two images per batch on four training images: two steps per epoch, a few seconds per stage.
 PYTHON_ARGS = [*TINY_ARGS, "--batch-size", "2"]
 JOB_TIMEOUT = 180
+# Epochs of the stages stopped by a signal: long enough for the signal to land during training.
+STOP_TEST_EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +87,24 @@ def finished_ok(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     return info
 
 
-def wait_for_text(cluster: SlurmCluster, job_id: str, path: Path, pattern: str, timeout: float) -> None:
+def wait_for_training(cluster: SlurmCluster, job_id: str, log: Path) -> None:
+    """Until the first training step is logged: the trainer's signal handler is in place by then.
+
+    Polled often: on an idle machine the whole tiny stage lasts about a second, and the signal sent next
+    must arrive before it ends (STOP_TEST_EPOCHS leaves room for that, yet stays short on a busy one).
+    """
+    pattern = f"epoch 1/{STOP_TEST_EPOCHS} step 1/"
+
     def found() -> bool:
+        if log.is_file() and pattern in log.read_text(errors="replace"):
+            return True
         if cluster.state(job_id) not in ("PENDING", "RUNNING", "CONFIGURING"):
             raise SlurmError(f"job {job_id} ended before printing {pattern!r}\n{cluster.describe(job_id)}")
-        return path.is_file() and re.search(pattern, path.read_text(errors="replace")) is not None
+        return False
 
-    cluster.wait_until(found, timeout, f"{pattern!r} in {path}", lambda: cluster.describe(job_id))
+    cluster.wait_until(
+        found, JOB_TIMEOUT, f"{pattern!r} in {log}", lambda: cluster.describe(job_id), poll=0.05
+    )
 
 
 def test_stage_completes_is_not_retrained_and_teaches_a_student(cluster, data, tmp_path):
@@ -134,11 +147,11 @@ def test_stage_completes_is_not_retrained_and_teaches_a_student(cluster, data, t
 def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "out"
     logs.mkdir()
-    job = submit_stage(cluster, logs, data, out, "--experiment-id", "sig", "--epochs", "4")
+    job = submit_stage(cluster, logs, data, out, "--experiment-id", "sig", "--epochs", str(STOP_TEST_EPOCHS))
     log_path = logs / f"fastseg-train-{job}.out"
     # Signal once training is under way (the trainer's handler is installed before the first step), as
     # Slurm does with --signal=B:USR1@300 near the time limit: only the batch shell receives it.
-    wait_for_text(cluster, job, log_path, r"epoch 1/4 step 1/", JOB_TIMEOUT)
+    wait_for_training(cluster, job, log_path)
     cluster.run(["scancel", "--signal=USR1", "--batch", job])
 
     info = finished_ok(cluster, job)
@@ -157,16 +170,18 @@ def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
     assert -1 not in positions and positions == sorted(positions), log
 
     stage = out / "sig" / "profile-1"
-    assert [r["epoch"] for r in records(stage)] == [1, 2, 3, 4], log
-    assert load_checkpoint(stage / "last.pth", "last.pth")["epoch"] == 4
+    assert [r["epoch"] for r in records(stage)] == list(range(1, STOP_TEST_EPOCHS + 1)), log
+    assert load_checkpoint(stage / "last.pth", "last.pth")["epoch"] == STOP_TEST_EPOCHS
 
 
 def test_scancel_saves_last_and_the_job_stays_cancelled(cluster, data, tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "out"
     logs.mkdir()
-    job = submit_stage(cluster, logs, data, out, "--experiment-id", "cancel", "--epochs", "4")
+    job = submit_stage(
+        cluster, logs, data, out, "--experiment-id", "cancel", "--epochs", str(STOP_TEST_EPOCHS)
+    )
     log_path = logs / f"fastseg-train-{job}.out"
-    wait_for_text(cluster, job, log_path, r"epoch 1/4 step 1/", JOB_TIMEOUT)
+    wait_for_training(cluster, job, log_path)
     cluster.run(["scancel", job])  # SIGTERM to the batch shell and the trainer alike
 
     cluster.wait_until(
