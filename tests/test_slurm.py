@@ -1,5 +1,6 @@
-"""The Slurm scripts on a real one-node Slurm (tests/slurm_cluster.py): a stage, the chained curriculum,
-requeue after SIGUSR1, several tasks through srun; and submit_curriculum.sh --dry-run without Slurm.
+"""The Slurm scripts on a real one-node Slurm (tests/slurm_cluster.py): a stage and a student, requeue after
+SIGUSR1, scancel, the chained curriculum, several tasks through srun; and, without Slurm, the wrappers'
+argument order, .env and choice of interpreter, and submit_curriculum.sh --dry-run.
 
 The jobs run the real job scripts, main.sh and train.py from the repository on tiny synthetic data, with
 the scripts' own #SBATCH headers except --cpus-per-task (this machine has few cores) and --output.
