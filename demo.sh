@@ -5,7 +5,7 @@
 #   TRAIN_IMAGES=12 VAL_IMAGES=4 IMAGE_SIZE=128x64 EPOCHS=1 STAGE_ARGS="--resize 128x64 --patch 96x48" bash demo.sh
 # Running it again reuses the data and skips finished stages (their last.pth says so).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-data/synthetic}
@@ -22,13 +22,26 @@ read -r -a STAGE_ARGS <<< "${STAGE_ARGS:-}"   # extra flags for every training s
 TEACHER=${TEACHER:-demo_teacher}
 STUDENT=${STUDENT:-demo_student}
 
+WANDB=${WANDB:-offline}
+LR=5e-3
+
 step() { printf '\n==> %s\n' "$*"; }
-common=(--data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE"
-        --num-workers "$NUM_WORKERS" --wandb "${WANDB:-offline}" --lr 5e-3 "${STAGE_ARGS[@]}")
+make_data() {
+    "$PYTHON" -m fastseg.synthetic "$DATA_DIR" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" \
+        --width "${IMAGE_SIZE%x*}" --height "${IMAGE_SIZE#*x}"
+}
+# The training flags every stage shares, except where data and checkpoints are (submit_curriculum.sh takes
+# those as its own options).
+stage_flags=(--epochs "$EPOCHS" --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS" --wandb "$WANDB"
+             --lr "$LR" "${STAGE_ARGS[@]}")
+common=(--data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" "${stage_flags[@]}")
+
+# `make demo-slurm` (tools/demo_slurm.py) sources this file up to here, so both demos read the same sizes
+# and make the same data; run as a script, it goes on with the steps.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 step "1/6 synthetic Cityscapes: $TRAIN_IMAGES train + $VAL_IMAGES val street scenes at $IMAGE_SIZE in $DATA_DIR"
-"$PYTHON" -m fastseg.synthetic "$DATA_DIR" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" \
-    --width "${IMAGE_SIZE%x*}" --height "${IMAGE_SIZE#*x}"
+make_data
 
 step "2/6 teacher, profile 1"
 "$PYTHON" train.py "${common[@]}" --experiment-id "$TEACHER" --profile 1 --previous-model-path none

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from fastseg import efficiency as eff
+from fastseg.distributed import resolve_device
 from fastseg.errors import UserError, run_cli
 
 # Full-resolution logits of one image are 19×1024×2048 floats (160 MB), so the val batch stays small.
@@ -320,7 +321,7 @@ def check_checkpoints(paths: list[Path], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = eff.resolve_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         # Let cuDNN pick its fastest kernels for the fixed input size, as a deployment would.
         torch.backends.cudnn.benchmark = True

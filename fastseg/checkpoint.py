@@ -28,7 +28,8 @@ from fastseg.errors import UserError
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,11 +47,11 @@ def _atomic_write(path: Path, write) -> None:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a half-written file behind (temp file + rename)."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fastseg.checkpoint import atomic_write
 from fastseg.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -151,15 +152,6 @@ def slug(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device: CUDA was asked for but is not available; use --device cpu or auto")
-    return torch.device(name)
-
-
 def logits_of(output: Any) -> torch.Tensor:
     """The main logits whatever the wrapper returns (tensor, (main, aux) tuple or torchvision dict)."""
     if isinstance(output, dict):
@@ -180,30 +172,8 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_save_image(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +213,6 @@ def _original_label_size(label_path: Path) -> tuple[int, int]:
     return height, width
 
 
-@torch.inference_mode()
 def evaluate_accuracy(
     model: nn.Module,
     loader: Iterable,
@@ -255,30 +224,19 @@ def evaluate_accuracy(
     overlay_dir: Path | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, Any]:
-    """mIoU, per-class IoU, Dice and pixel accuracy over ``loader`` from one confusion matrix.
+    """mIoU, per-class IoU, Dice and pixel accuracy over ``loader``: the trainers' own validation pass.
 
     Logits are upsampled (bilinear) to the size of the labels the loader yields, so the score is at
     full label resolution when the dataset keeps labels full size. ``samples`` (the dataset's Sample
     list, indexed by the loader's third item) is needed to name saved predictions; these are always
     written at the size of the original label file.
     """
-    from fastseg.data import prepare_batch
-    from fastseg.metrics import ConfusionMatrix
+    from fastseg.engine import evaluate
 
     if (prediction_dir or overlay_dir) and samples is None:
         raise ValueError("samples are needed to name saved predictions")
-    # Counting on the model's device keeps full-resolution predictions from crossing to the host.
-    matrix = ConfusionMatrix(num_classes, device=device)
-    model.eval()
-    batches = progress(loader) if progress else loader
-    for images_u8, labels_u8, indices in batches:
-        images, labels = prepare_batch(images_u8, labels_u8, device, train=False)
-        logits = logits_of(model(images)).float()
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        matrix.update_from_logits(logits, labels)
-        if prediction_dir is None and overlay_dir is None:
-            continue
+
+    def save(indices, logits, _images, _labels) -> None:
         for row, index in enumerate(indices.tolist()):
             sample = samples[index]
             full_size = _original_label_size(sample.label)
@@ -290,23 +248,26 @@ def evaluate_accuracy(
                 save_prediction(train_ids, Path(prediction_dir) / prediction_name(sample.name))
             if overlay_dir is not None:
                 save_overlay(sample.image, train_ids, Path(overlay_dir) / f"{sample.name}_overlay.png")
-    return matrix_metrics(matrix)
+
+    saving = prediction_dir is not None or overlay_dir is not None
+    scores = evaluate(model, progress(loader) if progress else loader, device, num_classes,
+                      on_batch=save if saving else None)
+    return matrix_metrics(scores)
 
 
-def matrix_metrics(matrix: Any) -> dict[str, Any]:
-    """The accuracy part of a report row from a filled ConfusionMatrix (fractions; absent classes None).
+def matrix_metrics(scores: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy part of a report row from the scores of a validation pass (fractions; absent classes None).
 
     The matrix itself (rows = ground truth, columns = prediction, train ids) goes along, so any other
     score can be derived from the report later.
     """
-    scores = matrix.compute()
     return {
         "miou": _finite_or_none(scores["miou"]),
         "dice": _finite_or_none(scores["dice"]),
         "pixel_accuracy": _finite_or_none(scores["pixel_accuracy"]),
         "per_class_iou": [_finite_or_none(v) for v in scores["per_class_iou"]],
         "per_class_dice": [_finite_or_none(v) for v in scores.get("per_class_dice", [])],
-        "confusion_matrix": matrix.mat.cpu().tolist(),
+        "confusion_matrix": scores["matrix"].tolist(),
     }
 
 
@@ -808,7 +769,7 @@ def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], metho
     payload = {"results": list(results), "method": method, **extra}
     text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
     path = Path(path)
-    _atomic_write_bytes(path, text.encode())
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 

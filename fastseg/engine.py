@@ -170,7 +170,8 @@ def evaluate(
     """Validation over the whole split: loss and the metrics of one confusion matrix (all-reduced).
 
     Logits are upsampled to the labels' size, so full-resolution labels give the Cityscapes convention.
-    ``on_batch(indices, predictions, images, labels)`` sees every batch (saving predictions, logging images).
+    ``on_batch(indices, logits, images, labels)`` sees every batch with its float logits at the labels' size
+    (saving predictions, logging images). The result holds the matrix itself too, as ``matrix``.
     """
     model.eval()
     dist_utils.broadcast_buffers(model)
@@ -188,14 +189,14 @@ def evaluate(
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double()
         valid += (labels != IGNORE_INDEX).sum()
-        preds = logits.argmax(1)
-        cm.update(labels, preds)
+        cm.update(labels, logits.argmax(1))
         if on_batch is not None:
-            on_batch(batch[2] if len(batch) > 2 else None, preds, images, labels)
+            on_batch(batch[2] if len(batch) > 2 else None, logits, images, labels)
     cm.all_reduce()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(loss_sum)
         torch.distributed.all_reduce(valid)
     metrics = cm.compute()
     metrics["loss"] = float(loss_sum / valid.clamp(min=1))
+    metrics["matrix"] = cm.mat.cpu()
     return metrics

@@ -60,7 +60,7 @@ def stage_profile(cfg: dict) -> Profile:
     return Profile(index=base.index, resize=resize, patch=patch)
 
 
-def resolve_previous(cfg: dict, flag: str) -> Path | None:
+def resolve_previous(cfg: dict, flag: str = "--previous-model-path") -> Path | None:
     """``none``, a path, or ``auto``: best.pth of the previous profile of the same run."""
     value = str(cfg["previous_model_path"] or "none")
     if value.lower() == "none":
@@ -185,6 +185,10 @@ def run_stage(cfg: dict, build_objective: Callable[[dict, torch.device, nn.Modul
 def _run(cfg, build_objective, device, info) -> int:
     main = info.is_main
     say = log if main else (lambda *a: None)
+    # Installed first: a time-limit signal may come while a large cache is still being built.
+    stop = StopFlag()
+    stop.install()
+    prev_flag = cfg.pop("previous_flag", "--previous-model-path")  # the distillation trainer's name for it
     profile = stage_profile(cfg)
     cfg["resize"], cfg["patch"] = list(profile.resize), list(profile.patch)
     out = stage_dir(cfg["output_dir"], cfg["experiment_id"], cfg["profile"])
@@ -213,13 +217,12 @@ def _run(cfg, build_objective, device, info) -> int:
     seed_everything(cfg["seed"] + info.rank)
     aux = cfg["aux"] and cfg["arch"] == "fast_scnn"
     model = build_model(cfg["arch"], num_classes=NUM_CLASSES, aux=cfg["aux"], width_mult=cfg["width_mult"])
-    previous = None if resume_ckpt is not None else resolve_previous(cfg, cfg.get("previous_flag", "--previous-model-path"))
+    previous = None if resume_ckpt is not None else resolve_previous(cfg, prev_flag)
     if previous is not None:
-        prev = load_checkpoint(previous, cfg.get("previous_flag", "--previous-model-path"))
+        prev = load_checkpoint(previous, prev_flag)
         prev_cfg = model_config(prev)
         if prev_cfg.get("arch", "fast_scnn") != cfg["arch"]:
-            raise UserError(f"{cfg.get('previous_flag', '--previous-model-path')}: {previous} is a "
-                            f"{prev_cfg.get('arch')} model but --arch is {cfg['arch']}")
+            raise UserError(f"{prev_flag}: {previous} is a {prev_cfg.get('arch')} model but --arch is {cfg['arch']}")
         if prev_cfg.get("profile") and prev_cfg["profile"] > cfg["profile"]:
             say(f"warning: {previous} was trained at profile {prev_cfg['profile']}, above this stage's "
                 f"{cfg['profile']}; a curriculum normally goes up")
@@ -229,7 +232,7 @@ def _run(cfg, build_objective, device, info) -> int:
                              **prev["model"]}
         elif not aux and prev_cfg.get("aux"):
             prev["model"] = {k: v for k, v in prev["model"].items() if not k.startswith("auxlayer.")}
-        load_weights(model, prev, cfg.get("previous_flag", "--previous-model-path"), where=previous)
+        load_weights(model, prev, prev_flag, where=previous)
         say(f"loaded weights from {previous}")
     cfg["previous_model_loaded"] = str(previous) if previous else None
 
@@ -280,7 +283,8 @@ def _run(cfg, build_objective, device, info) -> int:
         partial = resume_ckpt.get("partial") or []
         if start_step and info.rank < len(partial):
             carry = partial[info.rank]
-        say(f"resumed from {out / 'last.pth'}: epoch {start_epoch + 1}, step {start_step}")
+        say(f"resumed from {out / 'last.pth' if resume.lower() == 'auto' else resume}: "
+            f"epoch {start_epoch + 1}, step {start_step}")
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,8 +296,10 @@ def _run(cfg, build_objective, device, info) -> int:
     tracker = Tracker(mode=cfg["wandb"], project=cfg["wandb_project"], name=f"{cfg['experiment_id']}-p{cfg['profile']}",
                       group=cfg["experiment_id"], config=cfg, dir=str(out), enabled=main, run_id=run_id)
 
-    stop = StopFlag()
-    stop.install()
+    if stop():
+        say(f"stopped by {stop.signal_name} before training started; exit {REQUEUE_EXIT_CODE}")
+        tracker.finish()
+        return REQUEUE_EXIT_CODE
     ctx = StepContext(model=train_model, objective=objective, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                       device=device, amp_dtype=amp_dtype, channels_last=channels_last, seed=cfg["seed"],
                       rank=info.rank, world_size=info.world_size)

@@ -340,7 +340,7 @@ class Tracker:
     def val_batch_hook(
         self, epoch: int | None = None, max_images: int = 4
     ) -> Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
-        """A callback for validation, ``hook(indices, preds, images, labels)``, that keeps the first
+        """A callback for validation, ``hook(indices, logits, images, labels)``, that keeps the first
         ``max_images`` images of the (unshuffled, hence fixed) split and stages their panels for the next
         :meth:`log`. ``None`` when nothing is tracked, so the caller can skip it entirely.
         """
@@ -348,9 +348,10 @@ class Tracker:
             return None
         kept: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-        def hook(indices: Any, preds: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
+        def hook(indices: Any, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
             if len(kept) >= max_images:
                 return
+            preds = logits.argmax(1)
             for i in range(min(len(images), max_images - len(kept))):
                 index = int(indices[i]) if indices is not None else len(kept)
                 kept.append(

@@ -271,7 +271,7 @@ def test_val_batch_hook_logs_fixed_images_with_the_next_log(wandb_env, monkeypat
     for start in (0, 2, 4):  # three batches of two; only the first three images are kept
         hook(
             torch.tensor([start, start + 1]),
-            torch.zeros(2, 4, 6),
+            torch.zeros(2, 19, 4, 6),  # logits
             torch.zeros(2, 3, 4, 6),
             torch.zeros(2, 4, 6),
         )
