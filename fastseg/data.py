@@ -26,6 +26,7 @@ the number of workers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -35,12 +36,15 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import struct
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,11 +364,29 @@ _JOB: _BuildJob | None = None
 _OUT: tuple[np.ndarray, ...] = ()
 
 
-def _init_builder(job: _BuildJob) -> None:
+def _init_builder(job: _BuildJob, parent: int | None = None) -> None:
     global _JOB, _OUT
+    if parent is not None:  # a builder process
+        _detach_from_signals(parent)
     torch.set_num_threads(1)  # one decode per process; processes are the parallelism
     _JOB = job
     _OUT = tuple(np.load(p, mmap_mode="r+") for p in job.paths[: 1 if job.resize_hw is None else 2])
+
+
+def _detach_from_signals(parent: int) -> None:
+    """Builders leave signals to the process that started them and die with it.
+
+    They inherit the trainer's SIGUSR1/SIGTERM handler (which only sets a flag) and would otherwise ignore
+    the signal that ends them; Slurm and Ctrl-C signal the whole process group, and the trainer decides: it
+    lets the build finish (the cache is kept for the next run) and then stops. A builder left without its
+    parent (killed with SIGKILL) is killed too, so none lingers.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere builders exit with the pool
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _build_one(i: int) -> int:
@@ -462,9 +484,18 @@ def _build(entry: Path, samples: Sequence[Sample], resize_hw, split: str, worker
             else:
                 # fork: children only run libpng and tensor resizes on fresh single-thread pools; spawn
                 # would re-import torch in each of them for no benefit.
-                with mp.get_context("fork").Pool(procs, initializer=_init_builder, initargs=(job,)) as pool:
-                    for _ in pool.imap_unordered(_build_one, range(n), chunksize=4):
+                pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("fork"), initializer=_init_builder,
+                                           initargs=(job, os.getpid()))
+                try:
+                    for _ in pool.map(_build_one, range(n), chunksize=4):
                         bar.update()
+                except BrokenProcessPool:
+                    raise UserError(
+                        f"{entry}: a process building the data cache was killed (out of memory, or SIGKILL); run again, "
+                        f"or set {CACHE_ENV} / --cache-dir to build it elsewhere"
+                    ) from None
+                finally:  # on an error, the chunks not started are dropped rather than decoded for nothing
+                    pool.shutdown(wait=True, cancel_futures=True)
         _OUT = ()
         for path in tmp:
             with open(path, "rb+") as f:

@@ -10,6 +10,7 @@ epoch), ``best.pth`` (best validation mIoU) and ``last.pth`` (everything needed 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
@@ -152,19 +153,27 @@ def seed_everything(seed: int) -> None:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (what Slurm sends before a time limit or preemption)."""
+    """Set by SIGUSR1/SIGTERM (what Slurm sends before a time limit or preemption).
+
+    Forked children (data loader workers) inherit the handler; in them the signal is ignored, so that they
+    keep serving batches until the trainer has finished its step and shut them down.
+    """
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._pid = os.getpid()
 
     def __call__(self) -> bool:
         return self.signal_name is not None
 
     def install(self) -> None:
+        self._pid = os.getpid()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if os.getpid() != self._pid:
+            return
         self.signal_name = signal.Signals(signum).name
         print(f"received {self.signal_name}: saving last.pth after this step", file=sys.stderr, flush=True)
 

@@ -238,6 +238,57 @@ def test_concurrent_builders_both_succeed_with_identical_data(cityscapes: Path, 
     )
 
 
+_BUILD_ONE = D._build_one
+
+
+def _signalling_build_one(i: int) -> int:
+    import signal
+
+    if i == 0:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    return _BUILD_ONE(i)
+
+
+def _build_under_signal(root: str, cache: str, queue) -> None:
+    """A trainer's situation: its SIGUSR1/SIGTERM handler installed, then Slurm signals the whole process
+    group (trainer and cache builders) while the cache is being built."""
+    from fastseg.stage import StopFlag
+
+    try:
+        os.setpgrp()  # the group signalled below is this process and its builders, never pytest
+        stop = StopFlag()
+        stop.install()
+        D._build_one = _signalling_build_one  # the forked builders run this process's copy of the module
+        ds = D.SegmentationDataset(root, "train", PROFILE, train=False, label_resolution="resized",
+                                   cache_dir=cache, cache_workers=2)
+        digest = b"".join(ds[i][0].numpy().tobytes() + ds[i][1].numpy().tobytes() for i in range(len(ds)))
+        queue.put((stop.signal_name, digest))
+    except BaseException as exc:
+        queue.put(repr(exc))
+
+
+def test_builders_finish_when_the_process_group_is_signalled(cityscapes: Path, tmp_path: Path):
+    # The builders must neither hang the trainer (a pool whose workers ignore the signal that ends them)
+    # nor die and lose work: the build completes, the trainer holds the signal and decides.
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_build_under_signal, args=(str(cityscapes), str(tmp_path / "c"), queue))
+    proc.start()
+    try:
+        result = queue.get(timeout=60)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+    assert isinstance(result, tuple), result
+    signal_name, digest = result
+    assert signal_name == "SIGTERM" and proc.exitcode == 0
+    serial = D.SegmentationDataset(cityscapes, "train", PROFILE, train=False, label_resolution="resized",
+                                   cache_dir=tmp_path / "serial", cache_workers=1)
+    assert digest == b"".join(serial[i][0].numpy().tobytes() + serial[i][1].numpy().tobytes()
+                              for i in range(len(serial)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Train transforms
 

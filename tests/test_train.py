@@ -216,3 +216,37 @@ def test_a_kill_during_save_leaves_the_previous_file_loadable(tmp_path):
     child.wait(timeout=30)
     ckpt = load_checkpoint(target)
     assert ckpt["epoch"] in (1, 2)
+
+
+def _signal_self_and_report(stop, queue) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    queue.put(stop.signal_name)
+
+
+def _trainer_with_a_forked_worker(queue) -> None:
+    import multiprocessing as mp
+
+    from fastseg.stage import StopFlag
+
+    stop = StopFlag()
+    stop.install()
+    worker = mp.get_context("fork").Process(target=_signal_self_and_report, args=(stop, queue))
+    worker.start()
+    worker.join(timeout=30)
+    queue.put(("worker exit", worker.exitcode))
+    _signal_self_and_report(stop, queue)
+
+
+def test_stop_signal_is_taken_by_the_trainer_not_by_its_forked_workers():
+    # Loader workers inherit the handler: there it must neither raise the flag nor end the worker
+    # (it keeps serving batches until the trainer has finished its step and saved).
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    trainer = ctx.Process(target=_trainer_with_a_forked_worker, args=(queue,))
+    trainer.start()
+    seen = [queue.get(timeout=30) for _ in range(3)]
+    trainer.join(timeout=30)
+    assert seen == [None, ("worker exit", 0), "SIGTERM"]
+    assert trainer.exitcode == 0
