@@ -13,9 +13,11 @@ default Fast-SCNN (possibly with ``module.`` or ``_orig_mod.`` prefixes); they l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +30,39 @@ from fastseg.errors import UserError
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(binary file)`` on a temp file beside ``path``, then rename it over ``path``."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temp path beside ``path`` to write; renamed over ``path`` when the block ends without error.
+
+    The file gets the permissions of a normally created one (0666 less the umask, so a group can read a
+    shared run's checkpoints), not the 0600 of a temp file. A kill at any moment leaves either the previous
+    file or the new one, never half of one; only a hidden temp file may remain.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        # A kill between mkstemp and replace leaves only a hidden temp file; the previous file is intact.
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, synced, then renamed over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

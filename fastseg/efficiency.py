@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastseg.checkpoint import atomic_write
+from fastseg.checkpoint import atomic_path, atomic_write
 from fastseg.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -514,9 +513,7 @@ def export_onnx(
     prepared, _ = prepare_for_speed(model, fold_bn=True, channels_last=False)
     prepared = prepared.float().cpu()
     example = torch.randn(1, 3, *input_hw)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".onnx") as tmp:
         try:
             import onnxscript  # noqa: F401
 
@@ -536,11 +533,6 @@ def export_onnx(
                 dynamo=use_dynamo,
                 **({"external_data": False} if use_dynamo else {}),
             )
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -873,13 +865,5 @@ def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, TINY_ARGS, TRAIN_IMAGES
 
 import train
-from fastseg.checkpoint import atomic_save, load_checkpoint, load_model
+from fastseg.checkpoint import atomic_path, atomic_save, load_checkpoint, load_model
 from fastseg.data import PROFILES, SegmentationDataset
 from fastseg.engine import NonFiniteLoss
 from fastseg.errors import UserError
@@ -216,6 +216,21 @@ def test_a_kill_during_save_leaves_the_previous_file_loadable(tmp_path):
     child.wait(timeout=30)
     ckpt = load_checkpoint(target)
     assert ckpt["epoch"] in (1, 2)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_saved_files_take_the_umask_like_any_new_file(tmp_path, umask, mode):
+    # A run shared with a group on a cluster: its checkpoints must not stay private like temp files.
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "best.pth")
+        with atomic_path(tmp_path / "plot.png", suffix=".png") as tmp:
+            tmp.write_bytes(b"png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "best.pth").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plot.png").stat().st_mode & 0o777 == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "plot.png"]
 
 
 def _signal_self_and_report(stop, queue) -> None:
