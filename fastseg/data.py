@@ -741,7 +741,9 @@ class EpochSampler(DistributedSampler):
     differ by one sample, so evaluate without collectives inside the loop).
 
     ``set_epoch(e)`` selects epoch ``e``; an iteration without it moves on to the next epoch, so forgetting
-    it never repeats the same crops.
+    it never repeats the same crops. ``set_epoch(e, skip=n)`` starts that epoch's order at its n-th item
+    (a run resumed inside an epoch): every item's crop and flip depend on its key only, so the items that
+    follow are exactly those of an uninterrupted epoch, and the skipped ones are never loaded.
     """
 
     def __init__(
@@ -750,10 +752,12 @@ class EpochSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self._epoch_chosen = True
         self._started = False
+        self._skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         super().set_epoch(epoch)
         self._epoch_chosen = True
+        self._skip = skip
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -761,16 +765,15 @@ class EpochSampler(DistributedSampler):
         return list(range(self.rank, len(self.dataset), self.num_replicas))
 
     def __len__(self) -> int:
-        return (
-            super().__len__() if self.shuffle else len(range(self.rank, len(self.dataset), self.num_replicas))
-        )
+        full = super().__len__() if self.shuffle else len(range(self.rank, len(self.dataset), self.num_replicas))
+        return max(0, full - self._skip)
 
     def __iter__(self) -> Iterator[SampleKey]:
         if self._started and not self._epoch_chosen:
-            self.epoch += 1
+            self.epoch, self._skip = self.epoch + 1, 0
         self._started, self._epoch_chosen = True, False
         epoch = self.epoch
-        return iter([(self.seed, epoch, i) for i in self._indices()])
+        return iter([(self.seed, epoch, i) for i in self._indices()[self._skip :]])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -819,14 +822,15 @@ def build_loader(
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Select the epoch whose order and augmentation the loader's next iteration yields."""
-    sampler = (
-        loader.sampler
-        if hasattr(loader.sampler, "set_epoch")
-        else getattr(loader.batch_sampler, "sampler", None)
-    )
-    if sampler is not None and hasattr(sampler, "set_epoch"):
+def set_epoch(loader: DataLoader, epoch: int, start_step: int = 0) -> None:
+    """Select the epoch whose order and augmentation the loader's next iteration yields, from its batch
+    ``start_step`` on (a resumed run; the loader must come from :func:`build_loader`)."""
+    sampler = loader.sampler
+    if start_step:
+        if not isinstance(sampler, EpochSampler):
+            raise TypeError("set_epoch: starting inside an epoch needs a loader made by build_loader")
+        sampler.set_epoch(epoch, skip=start_step * loader.batch_size)
+    elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
 

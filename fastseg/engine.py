@@ -90,7 +90,8 @@ def train_one_epoch(
     check_every: int = 20,
     carry: dict | None = None,
 ) -> dict[str, float]:
-    """Train over ``loader`` from ``start_step`` on; returns mean losses and throughput.
+    """Train over ``loader``, whose first batch is step ``start_step`` of the epoch (``set_epoch(loader,
+    epoch, start_step)`` when resuming inside one); returns mean losses and throughput.
 
     Raises :class:`StopRequested` after the step during which ``stop_requested()`` became true (on any rank),
     and :class:`NonFiniteLoss` when the loss is NaN or infinite.
@@ -103,10 +104,8 @@ def train_one_epoch(
     }
     count, images_seen = carry.get("count", 0), carry.get("images", 0)
     t0 = time.perf_counter() - carry.get("elapsed", 0.0)
-    step = start_step - 1
-    for step, batch in enumerate(loader):
-        if step < start_step:  # resuming inside an epoch: the order is fixed by (seed, epoch), skip what was done
-            continue
+    end = start_step + len(loader) if hasattr(loader, "__len__") else -1
+    for step, batch in enumerate(loader, start=start_step):
         images, labels = prepare_batch(
             batch[0], batch[1], ctx.device, train=True, channels_last=ctx.channels_last,
             generator=_jitter_generator(ctx, epoch, step),
@@ -127,7 +126,7 @@ def train_one_epoch(
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         count += 1
         images_seen += images.shape[0]
-        last = step == len(loader) - 1 if hasattr(loader, "__len__") else False
+        last = step == end - 1
         # One host sync every few steps, not every step: enough to stop before a NaN reaches a checkpoint.
         if (count % check_every == 0 or last) and not math.isfinite(float(sums["loss"])):
             raise NonFiniteLoss(

@@ -320,7 +320,7 @@ def _run(cfg, build_objective, device, info) -> int:
                 "wandb_run_id": tracker.run_id, "rng": gather_objects(info, rng_state())}
 
     for epoch in range(start_epoch, cfg["epochs"]):
-        set_epoch(train_loader, epoch)
+        set_epoch(train_loader, epoch, start_step)  # a resumed epoch: its first start_step batches are done
         progress = Progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", enabled=main,
                             log_every=cfg["log_every"], initial=start_step)
         try:

@@ -377,6 +377,12 @@ def test_loaders_are_deterministic_and_epochs_differ(cityscapes: Path):
     assert (
         len(first[0]) == 3 and first[0][0][0].shape == (2, 3, 16, 32) and first[0][0][1].dtype == torch.uint8
     )
+    # Resumed inside an epoch: the loader starts at the batch the run stopped before, and the next epoch
+    # is whole again.
+    D.set_epoch(workers, 1, start_step=2)
+    assert len(workers) == 1
+    assert _same([(b[0].clone(), b[1].clone(), b[2].clone()) for b in workers], first[1][2:])
+    assert _same(_batches(workers, [2])[0], first[2])
 
 
 def test_epoch_advances_without_set_epoch(cityscapes: Path):
