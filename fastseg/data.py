@@ -377,9 +377,9 @@ def _detach_from_signals(parent: int) -> None:
     """Builders leave signals to the process that started them and die with it.
 
     They inherit the trainer's SIGUSR1/SIGTERM handler (which only sets a flag) and would otherwise ignore
-    the signal that ends them; Slurm and Ctrl-C signal the whole process group, and the trainer decides: it
-    lets the build finish (the cache is kept for the next run) and then stops. A builder left without its
-    parent (killed with SIGKILL) is killed too, so none lingers.
+    the signal that ends them. Slurm and Ctrl-C signal the whole process group; the trainer decides: after
+    SIGUSR1/SIGTERM it lets the build finish (the cache is kept for the next run) and then stops, after
+    Ctrl-C it drops the build. A builder left without its parent (killed with SIGKILL) is killed too.
     """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -825,12 +825,12 @@ def build_loader(
 def set_epoch(loader: DataLoader, epoch: int, start_step: int = 0) -> None:
     """Select the epoch whose order and augmentation the loader's next iteration yields, from its batch
     ``start_step`` on (a resumed run; the loader must come from :func:`build_loader`)."""
-    sampler = loader.sampler
+    sampler = loader.sampler if hasattr(loader.sampler, "set_epoch") else getattr(loader.batch_sampler, "sampler", None)
     if start_step:
         if not isinstance(sampler, EpochSampler):
             raise TypeError("set_epoch: starting inside an epoch needs a loader made by build_loader")
         sampler.set_epoch(epoch, skip=start_step * loader.batch_size)
-    elif hasattr(sampler, "set_epoch"):
+    elif sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
 
