@@ -9,6 +9,7 @@ epoch), ``best.pth`` (best validation mIoU) and ``last.pth`` (everything needed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -301,6 +302,8 @@ def _run(cfg, build_objective, device, info) -> int:
         atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
         if resume_ckpt is None and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # a fresh start of this stage: the old log would mix two runs
+        elif resume_ckpt is not None:
+            reconcile_metrics(out / "metrics.jsonl", start_epoch, resume_ckpt.get("metrics") or {})
 
     tracker = Tracker(mode=cfg["wandb"], project=cfg["wandb_project"], name=f"{cfg['experiment_id']}-p{cfg['profile']}",
                       group=cfg["experiment_id"], config=cfg, dir=str(out), enabled=main, run_id=run_id)
@@ -382,6 +385,26 @@ def _run(cfg, build_objective, device, info) -> int:
     tracker.finish()
     say(f"done: best val mIoU {best_miou:.4f}; checkpoints in {out}")
     return 0
+
+
+def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
+    """Make ``metrics.jsonl`` hold exactly one line per epoch of the checkpoint a run resumes from.
+
+    A job killed outright (SIGKILL, node failure) may stop between writing last.pth and appending the
+    epoch's line, or after appending a line for an epoch whose last.pth it never wrote; the resumed run
+    would then leave a gap or a duplicate. last.pth holds its epoch's record, so the log is rebuilt from it.
+    """
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a torn line cannot happen (atomic rewrites), but be safe
+                records.append(json.loads(line))
+    kept = {r["epoch"]: r for r in records if isinstance(r, dict) and 0 < r.get("epoch", 0) <= epochs_done}
+    if last_record.get("epoch") == epochs_done:
+        kept[epochs_done] = last_record  # the checkpoint is the truth for its own epoch
+    if records != [kept[e] for e in sorted(kept)]:
+        log(f"note: {path} did not match the checkpoint (a killed run); kept epochs {sorted(kept)}")
+        atomic_write_text(path, "".join(json.dumps(kept[e], sort_keys=True) + "\n" for e in sorted(kept)))
 
 
 def gather_objects(info: dist_utils.DistInfo, mine) -> list:

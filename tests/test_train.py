@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,22 @@ def test_stage_two_starts_from_stage_one_with_auto(stage1, synthetic_root):
     first = records(stage1 / "t" / "profile-1")[0]
     # Started from trained weights, its first epoch already beats stage 1's first epoch.
     assert records(stage1 / "t" / "profile-2")[0]["val_miou"] > first["val_miou"]
+
+
+def test_resume_after_a_hard_kill_repairs_the_metrics_log(stage1, synthetic_root, tmp_path, capsys):
+    # A SIGKILL can land between last.pth and the log line: here epoch 10's line is missing, and a line for
+    # an epoch 11 whose checkpoint never got written is present. The resumed run's log is whole and true.
+    stage = tmp_path / "t" / "profile-1"
+    shutil.copytree(stage1 / "t" / "profile-1", stage, ignore=shutil.ignore_patterns("wandb"))
+    original = records(stage)
+    fake = {**original[-1], "epoch": 11, "val_miou": 2.0}
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*original[:-1], fake]))
+    assert train.main(argv(synthetic_root, tmp_path, "--epochs", "11", "--lr", "1e-2")) == 0
+    assert "did not match the checkpoint" in capsys.readouterr().out
+    repaired = records(stage)
+    assert [r["epoch"] for r in repaired] == list(range(1, 12))
+    assert repaired[:10] == original
+    assert repaired[10]["val_miou"] <= 1.0
 
 
 def test_previous_model_from_a_higher_profile_warns(stage1, synthetic_root, tmp_path, capsys):
