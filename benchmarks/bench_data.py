@@ -5,7 +5,8 @@
 
 fast:  fastseg.data.SegmentationDataset + build_loader (cached, pre-resized uint8 arrays; crop and flip in
        the workers) and prepare_batch on the CPU (colour jitter, normalisation), i.e. everything up to
-       the float batch a model takes.
+       the float batch a model takes. Printed first: the loader alone (uint8 batches), which is the CPU's
+       share on a GPU node, where prepare_batch runs on the GPU.
 plain: torchvision Cityscapes(target_type="semantic") decoding the PNGs at every step, transforms.v2
        Resize/RandomCrop/RandomHorizontalFlip/ColorJitter(0.3, 0.3, 0.3, 0.1)/Normalize, label ids
        mapped to train ids with Tensor.apply_.
@@ -84,6 +85,11 @@ def bench_fast(args, profile: D.Profile) -> float:
     def step(batch):
         D.prepare_batch(batch[0], batch[1], "cpu", train=True, generator=generator)
 
+    # What the loader alone hands over (uint8 crops): on a GPU node prepare_batch runs on the GPU, so this
+    # is the pace the CPU side sets there.
+    raw, raw_seconds = timed_batches(loader, args.batches, args.warmup)
+    print(f"fast loader alone (uint8 batches): {raw:8.1f} images/s ({args.batches} batches in {raw_seconds:.1f} s)",
+          flush=True)
     rate, seconds = timed_batches(loader, args.batches, args.warmup, step)
     print(f"fast:  {rate:8.1f} images/s ({args.batches} batches in {seconds:.1f} s)", flush=True)
     return rate
