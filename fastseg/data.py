@@ -377,9 +377,9 @@ def _detach_from_signals(parent: int) -> None:
     """Builders leave signals to the process that started them and die with it.
 
     They inherit the trainer's SIGUSR1/SIGTERM handler (which only sets a flag) and would otherwise ignore
-    the signal that ends them. Slurm and Ctrl-C signal the whole process group; the trainer decides: after
-    SIGUSR1/SIGTERM it lets the build finish (the cache is kept for the next run) and then stops, after
-    Ctrl-C it drops the build. A builder left without its parent (killed with SIGKILL) is killed too.
+    the signal that ends them. Slurm and Ctrl-C signal the whole process group; the trainer decides: it
+    lets the build finish (the cache is kept for the next run) and then stops, or, after a second Ctrl-C,
+    drops the build. A builder left without its parent (killed with SIGKILL) is killed too.
     """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)

@@ -18,10 +18,13 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a script's ``main`` and turn a :class:`UserError` into ``error: ...`` and exit 2."""
+    """Run a script's ``main``: a :class:`UserError` becomes ``error: ...`` and exit 2, Ctrl-C exit 130."""
     try:
         code = main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)  # the shell's status for a process ended by SIGINT
     sys.exit(code or 0)

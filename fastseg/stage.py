@@ -154,50 +154,63 @@ def seed_everything(seed: int) -> None:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (what Slurm sends before a time limit or preemption).
+    """Set by SIGUSR1/SIGTERM (what Slurm sends before a time limit or preemption) or by Ctrl-C.
 
-    Forked children (data loader workers) inherit the handler; in them the signal is ignored, so that they
-    keep serving batches until the trainer has finished its step and shut them down.
+    The run then finishes its step, saves last.pth and stops. A second Ctrl-C quits at once
+    (KeyboardInterrupt). Forked children (data loader workers) inherit the handler; in them the signal is
+    ignored, so that they keep serving batches until the trainer has finished its step and shut them down.
+    ``restore`` puts back the handlers found at ``install``.
     """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal_name: str | None = None
         self._pid = os.getpid()
+        self._previous: dict = {}
 
     def __call__(self) -> bool:
         return self.signal_name is not None
 
     def install(self) -> None:
         self._pid = os.getpid()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, _frame) -> None:
         if os.getpid() != self._pid:
             return
+        if signum == signal.SIGINT and self.signal_name is not None:
+            raise KeyboardInterrupt  # asked twice: quit now, without saving
         self.signal_name = signal.Signals(signum).name
-        print(f"received {self.signal_name}: saving last.pth after this step", file=sys.stderr, flush=True)
+        again = "; Ctrl-C again to quit at once" if signum == signal.SIGINT else ""
+        print(f"received {self.signal_name}: saving last.pth after this step{again}", file=sys.stderr, flush=True)
 
 
 def run_stage(cfg: dict, build_objective: Callable[[dict, torch.device, nn.Module], Callable],
               description: str = "train") -> int:
     """Train one curriculum stage as configured by ``cfg``; returns the process exit status."""
+    # Installed first: a time-limit signal may come while a large cache is still being built.
+    stop = StopFlag()
+    stop.install()
     read_dotenv()
     info = dist_utils.env_dist_info()
     device = dist_utils.resolve_device(cfg["device"], info.local_rank)
     info = dist_utils.init_distributed(device, info)
     try:
-        return _run(cfg, build_objective, device, info)
+        return _run(cfg, build_objective, device, info, stop)
     finally:
         dist_utils.cleanup()
+        stop.restore()
 
 
-def _run(cfg, build_objective, device, info) -> int:
+def _run(cfg, build_objective, device, info, stop: StopFlag) -> int:
     main = info.is_main
     say = log if main else (lambda *a: None)
-    # Installed first: a time-limit signal may come while a large cache is still being built.
-    stop = StopFlag()
-    stop.install()
     prev_flag = cfg.pop("previous_flag", "--previous-model-path")  # the distillation trainer's name for it
     profile = stage_profile(cfg)
     cfg["resize"], cfg["patch"] = list(profile.resize), list(profile.patch)
@@ -376,7 +389,7 @@ def _run(cfg, build_objective, device, info) -> int:
             f"{record['images_per_s']:.1f} img/s" + ("  (best)" if improved else ""))
         tracker.log({k: v for k, v in record.items() if k != "val_per_class_iou"}, step=epoch + 1)
         tracker.log_per_class(val["per_class_iou"], step=epoch + 1)
-        if stop():  # the signal came during validation: the epoch is saved, stop here
+        if stop() and epoch + 1 < cfg["epochs"]:  # came during validation: the epoch is saved, stop here
             say(f"stopped by {stop.signal_name} after epoch {epoch + 1}; exit {REQUEUE_EXIT_CODE}")
             tracker.finish()
             return REQUEUE_EXIT_CODE

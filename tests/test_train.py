@@ -214,6 +214,32 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.glob("**/*.pth"))
 
 
+def test_ctrl_c_saves_and_stops_and_twice_quits_at_once(synthetic_root, tmp_path):
+    common = ["--epochs", "2", "--previous-model-path", "none"]
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt(times):
+        def hook(n, loss):
+            if n == 2:
+                for _ in range(times):  # a real SIGINT, as the terminal sends on Ctrl-C
+                    os.kill(os.getpid(), signal.SIGINT)
+            return loss
+
+        return hook
+
+    once = tmp_path / "once"
+    assert run_stage(train.parse_config(argv(synthetic_root, once, *common)), with_hook(interrupt(1))) == 75
+    saved = load_checkpoint(once / "t" / "profile-1" / "last.pth")
+    assert (saved["epoch"], saved["step"]) == (0, 2)
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+
+    twice = tmp_path / "twice"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(train.parse_config(argv(synthetic_root, twice, *common)), with_hook(interrupt(2)))
+    assert not (twice / "t" / "profile-1" / "last.pth").exists()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_kill_during_save_leaves_the_previous_file_loadable(tmp_path):
     target = tmp_path / "last.pth"
     atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 1}, target)
