@@ -240,6 +240,24 @@ def test_ctrl_c_saves_and_stops_and_twice_quits_at_once(synthetic_root, tmp_path
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_signal_during_validation_stops_after_the_epoch_unless_it_was_the_last(synthetic_root, tmp_path,
+                                                                                 monkeypatch):
+    import fastseg.stage as stage_module
+
+    real_evaluate = stage_module.evaluate
+
+    def signalled_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "evaluate", signalled_evaluate)
+    args = argv(synthetic_root, tmp_path, "--epochs", "2", "--previous-model-path", "none")
+    assert train.main(args) == REQUEUE_EXIT_CODE  # epoch 1 is saved whole; the requeued job does epoch 2
+    assert load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")["epoch"] == 1
+    assert train.main(args) == 0  # the stage is complete: nothing to requeue for
+    assert [r["epoch"] for r in records(tmp_path / "t" / "profile-1")] == [1, 2]
+
+
 def test_a_kill_during_save_leaves_the_previous_file_loadable(tmp_path):
     target = tmp_path / "last.pth"
     atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 1}, target)
