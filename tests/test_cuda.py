@@ -1,0 +1,98 @@
+"""The GPU paths: AMP training with its scaler, a stop and resume, distillation and the efficiency tool on CUDA.
+
+Each test also runs on the CPU (where AMP falls back to fp32), so the test itself is checked everywhere; the
+CUDA cases skip where no GPU is visible and run on any GPU machine with plain ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from test_train import argv, records, with_hook
+
+import evaluate_efficiency
+import train
+import train_distillation
+from fastseg.checkpoint import load_checkpoint
+from fastseg.models import build_model
+from fastseg.stage import REQUEUE_EXIT_CODE, run_stage
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CASES = [
+    pytest.param("cuda", "bf16", marks=needs_cuda),
+    pytest.param("cuda", "fp16", marks=needs_cuda),
+    pytest.param("cpu", "fp16"),  # AMP asked for on the CPU: a note, then fp32
+]
+
+
+def _finite(recs: list[dict], *keys: str) -> bool:
+    return all(math.isfinite(r[k]) for r in recs for k in keys)
+
+
+@pytest.mark.parametrize("device, amp", CASES)
+def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, device, amp, capsys):
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    args = argv(synthetic_root, tmp_path, "--epochs", "2", "--previous-model-path", "none", "--amp", amp,
+                "--device", device)
+
+    def stop_at_step_two(n, loss):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss
+
+    assert run_stage(train.parse_config(args), with_hook(stop_at_step_two)) == REQUEUE_EXIT_CODE
+    last = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
+    assert last["step"] == 2
+    # fp16 needs a GradScaler, and its state travels with last.pth; bf16 and fp32 have none.
+    assert (last["scaler"] is not None) == (device == "cuda" and amp == "fp16")
+    assert all(v.device.type == "cpu" for v in last["model"].values())  # loadable without a GPU
+    if device == "cpu":
+        assert f"--amp {amp} needs a GPU" in capsys.readouterr().out
+
+    assert train.main(args) == 0
+    recs = records(tmp_path / "t" / "profile-1")
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert _finite(recs, "train_loss", "val_loss", "val_miou")
+    assert json.loads((tmp_path / "t" / "profile-1" / "config.json").read_text())["amp"] == amp
+
+
+@pytest.mark.parametrize("device, amp", CASES)
+def test_distillation_with_amp(synthetic_root, tmp_path, device, amp):
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    teacher = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("fast_scnn", width_mult=1.0).state_dict(), teacher)  # a users' plain state_dict
+    args = argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-student-model-path", "none",
+                "--trained-teacher-model-path", str(teacher), "--amp", amp, "--device", device)
+    assert train_distillation.main(args) == 0
+    recs = records(tmp_path / "t" / "profile-1")
+    assert _finite(recs, "train_loss", "train_ce_loss", "train_kd_loss", "val_miou")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda), "cpu"])
+def test_efficiency_report_on_the_device(synthetic_root, tmp_path, device):
+    ckpt = tmp_path / "run" / "profile-1" / "best.pth"
+    ckpt.parent.mkdir(parents=True)
+    config = {"arch": "fast_scnn", "num_classes": 19, "width_mult": 1.0, "aux": False, "profile": 1,
+              "resize": [128, 64], "experiment_id": "run"}
+    torch.save({"model": build_model("fast_scnn").state_dict(), "config": config, "epoch": 1, "metrics": {}}, ckpt)
+    out = tmp_path / "report.json"
+    assert evaluate_efficiency.main([
+        "--current-model-path", str(ckpt), "--data-dir", str(synthetic_root), "--device", device,
+        "--num-workers", "0", "--runs", "5", "--warmup", "2", "--throughput-batch", "2", "--output", str(out),
+    ]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["device"].startswith(device)
+    assert 0.0 <= row["miou"] <= 1.0
+    assert row["latency_p90_ms"] >= row["latency_ms"] > 0 and row["fps"] > 0
+    expected = {"fp32", "fp16"} | ({"bf16"} if device == "cuda" and torch.cuda.is_bf16_supported() else set())
+    assert set(row["speed"]) == (expected if device == "cuda" else {"fp32"})
+    if device == "cuda":
+        assert row["peak_memory_mb"] > 0  # torch.cuda.max_memory_allocated during batch-1 inference
