@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU node can tell that a CPU cannot, in one run (about 5 minutes on one A100/H100):
+# Everything a GPU node can tell that a CPU cannot, in one run:
 # the CUDA tests, training images/s per profile with AMP, the loader, and inference latency per profile.
 #
 #   bash benchmarks/gpu_figures.sh            # uses .venv (made with `make venv`) or python3
