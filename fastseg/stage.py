@@ -197,13 +197,13 @@ def run_stage(cfg: dict, build_objective: Callable[[dict, torch.device, nn.Modul
     # Installed first: a time-limit signal may come while a large cache is still being built.
     stop = StopFlag()
     stop.install()
-    read_dotenv()
-    info = dist_utils.env_dist_info()
-    device = dist_utils.resolve_device(cfg["device"], info.local_rank)
-    info = dist_utils.init_distributed(device, info)
     try:
+        read_dotenv()
+        info = dist_utils.env_dist_info()
+        device = dist_utils.resolve_device(cfg["device"], info.local_rank)
+        info = dist_utils.init_distributed(device, info)
         return _run(cfg, build_objective, device, info, stop)
-    finally:
+    finally:  # also when the device or the process group could not be set up
         dist_utils.cleanup()
         stop.restore()
 
@@ -410,7 +410,7 @@ def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
     records = []
     if path.exists():
         for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):  # a torn line cannot happen (atomic rewrites), but be safe
+            with contextlib.suppress(ValueError):  # a line broken by a hand edit is dropped
                 records.append(json.loads(line))
     kept = {r["epoch"]: r for r in records if isinstance(r, dict) and 0 < r.get("epoch", 0) <= epochs_done}
     if last_record.get("epoch") == epochs_done:
