@@ -1,53 +1,20 @@
 #!/usr/bin/env bash
-# One curriculum stage of the student, taught by a trained teacher, with train_distillation.py.
-# Edit the settings below, then:
+# One curriculum stage of the student, taught by a trained teacher: runs train_distillation.py.
 #
-#   bash main_distillation.sh                        # here (GPU if there is one, else CPU)
-#   bash main_distillation.sh --epochs 1 --alpha 0.7 # any flag; it wins over the settings below
-#   sbatch jobscript_slurm_distillation.sh           # on the cluster (runs this file)
-#   bash submit_curriculum.sh --with-student         # teacher's five stages, then the student's
+# Settings live in one place, the constants at the top of train_distillation.py (its own: profile, teacher,
+# alpha, ...) and of train.py (all the others). This wrapper holds no copy of any of them: it passes on
+# exactly the arguments you give it, and those win over the constants.
 #
-# Tracking: wandb logs online when WANDB_API_KEY is set (in the environment or in .env, see
-# .env.example), offline otherwise; no `wandb login` needed. Checkpoints:
-# $OUTPUT_DIR/$EXPERIMENT_ID/profile-$PROFILE/{best.pth,last.pth,metrics.jsonl}.
+#   bash main_distillation.sh                         # the stage the constants describe
+#   bash main_distillation.sh --profile 2 --alpha 0.7 # any flag
+#   sbatch jobscript_slurm_distillation.sh            # on the cluster (runs this file)
+#   bash submit_curriculum.sh --with-student          # teacher's five stages, then the student's
+#
+# The run prints each setting that differs from the constants.
 set -euo pipefail
-
-EXPERIMENT_ID=fast_scnn_student     # the student's run; every stage of one curriculum shares it
-PROFILE=1                           # curriculum stage 1..5: 576x288 -> 2048x1024 (see README)
-# The frozen teacher: best.pth of the last stage of its curriculum (see main.sh).
-TRAINED_TEACHER_MODEL_PATH=checkpoints/fast_scnn/profile-5/best.pth
-PREVIOUS_STUDENT_MODEL_PATH=auto    # auto: best.pth of the previous profile of this run; none; or a .pth
-ALPHA=0.5                           # weight of the distillation term; 1 - ALPHA goes to cross-entropy
-TEMPERATURE=4.0                     # softens both distributions in the KL term
-DATA_DIR=data/cityscapes            # leftImg8bit/ and gtFine/ inside
-OUTPUT_DIR=checkpoints
-EPOCHS=100
-BATCH_SIZE=16                       # per GPU
-LR=1e-3                             # AdamW, as the earlier runs
-NUM_WORKERS=8                       # data-loading processes per GPU
-SEED=0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tools/launch.sh
 source "$here/tools/launch.sh"
-fastseg_load_dotenv "$here"
 PYTHON="$(fastseg_default_python "$here")"
-
-# --resume auto: a requeued or resubmitted job continues from this stage's last.pth, and a finished stage
-# is not trained again. Arguments given to this script come last, so they win.
-exec "$PYTHON" "$here/train_distillation.py" \
-    --experiment-id "$EXPERIMENT_ID" \
-    --profile "$PROFILE" \
-    --trained-teacher-model-path "$TRAINED_TEACHER_MODEL_PATH" \
-    --previous-student-model-path "$PREVIOUS_STUDENT_MODEL_PATH" \
-    --alpha "$ALPHA" \
-    --temperature "$TEMPERATURE" \
-    --data-dir "$DATA_DIR" \
-    --output-dir "$OUTPUT_DIR" \
-    --epochs "$EPOCHS" \
-    --batch-size "$BATCH_SIZE" \
-    --lr "$LR" \
-    --num-workers "$NUM_WORKERS" \
-    --seed "$SEED" \
-    --resume auto \
-    "$@"
+exec "$PYTHON" "$here/train_distillation.py" "$@"

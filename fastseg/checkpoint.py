@@ -186,6 +186,72 @@ def model_config(ckpt: dict) -> dict:
     return cfg
 
 
+# Auxiliary heads are training aids: a checkpoint loads into a model with or without them.
+AUX_PREFIXES = ("auxlayer.", "aux_classifier.")
+
+
+def fit_aux_heads(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` made to fit ``model``'s auxiliary heads: the model's own (fresh) weights for heads the
+    checkpoint lacks, and the checkpoint's heads that the model does not have dropped."""
+    own = model.state_dict()
+    fitted = {k: v for k, v in state_dict.items() if k in own or not k.startswith(AUX_PREFIXES)}
+    fitted.update({k: v for k, v in own.items() if k.startswith(AUX_PREFIXES) and k not in state_dict})
+    return fitted
+
+
+def stage_dir(output_dir: str | Path, experiment_id: str, profile: int) -> Path:
+    """Where stage ``profile`` of run ``experiment_id`` keeps its files."""
+    return Path(output_dir) / experiment_id / f"profile-{profile}"
+
+
+def resolve_previous(value: str | None, output_dir, experiment_id: str, profile: int,
+                     flag: str = "--previous-model-path") -> Path | None:
+    """``none``, a path, or ``auto``: best.pth of the previous profile of the same run (none at profile 1)."""
+    value = str(value or "none")
+    if value.lower() == "none" or (value.lower() == "auto" and profile == 1):
+        return None
+    if value.lower() == "auto":
+        path = stage_dir(output_dir, experiment_id, profile - 1) / "best.pth"
+        if not path.is_file():
+            raise UserError(f"{flag} auto: {path} does not exist; train profile {profile - 1} of experiment "
+                            f"'{experiment_id}' first, or pass a path or none")
+        return path
+    return Path(value)
+
+
+def load_previous_stage(model: nn.Module, path: Path, arch: str, profile: int, flag: str) -> dict:
+    """Load the weights a stage starts from; returns that checkpoint's config (stored or inferred)."""
+    ckpt = load_checkpoint(path, flag)
+    cfg = model_config(ckpt)
+    if cfg.get("arch", "fast_scnn") != arch:
+        raise UserError(f"{flag}: {path} is a {cfg.get('arch')} model but --arch is {arch}")
+    if cfg.get("profile") and cfg["profile"] > profile:
+        print(f"warning: {path} was trained at profile {cfg['profile']}, above this stage's {profile}; "
+              "a curriculum normally goes up", flush=True)
+    load_weights(model, {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}, flag, where=path)
+    return cfg
+
+
+def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
+    """Make ``metrics.jsonl`` hold exactly one line per epoch of the checkpoint a run resumes from.
+
+    A job killed outright (SIGKILL, node failure) may stop between writing last.pth and appending the
+    epoch's line, or after appending a line for an epoch whose last.pth it never wrote; the resumed run
+    would then leave a gap or a duplicate. last.pth holds its epoch's record, so the log is rebuilt from it.
+    """
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line broken by a hand edit is dropped
+                records.append(json.loads(line))
+    kept = {r["epoch"]: r for r in records if isinstance(r, dict) and 0 < r.get("epoch", 0) <= epochs_done}
+    if last_record.get("epoch") == epochs_done:
+        kept[epochs_done] = last_record  # the checkpoint is the truth for its own epoch
+    if records != [kept[e] for e in sorted(kept)]:
+        print(f"note: {path} did not match the checkpoint (a killed run); kept epochs {sorted(kept)}", flush=True)
+        atomic_write_text(path, "".join(json.dumps(kept[e], sort_keys=True) + "\n" for e in sorted(kept)))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
     """Build the checkpoint's architecture, load it strictly, and return ``(model in eval mode, config)``."""
     from fastseg.models import build_model

@@ -1,7 +1,8 @@
 """Command line of the trainers: every constant at the top of a script becomes a flag of the same name.
 
 ``train.py`` and ``train_distillation.py`` pass their constants as ``defaults``; the parsed values are the
-run's configuration, printed, written to ``config.json`` and stored in every checkpoint.
+run's configuration, written to ``config.json`` and stored in every checkpoint. The constants are the one
+home of each setting: the shell wrappers pass on only the flags a user gives them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fastseg.data import PROFILES
+from fastseg.data import PROFILES, Profile
+from fastseg.errors import UserError
 from fastseg.models import ARCHS
 
 
@@ -97,4 +99,33 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--wandb-project", default=d["wandb_project"])
     g.add_argument("--log-every", type=_positive_int, default=d["log_every"],
                    help="steps between progress lines when the output is a log file")
+    g.add_argument("--check-every", type=_positive_int, default=d["check_every"],
+                   help="steps between the checks every rank agrees on (stop signal, NaN)")
     return p
+
+
+def report_overrides(args: argparse.Namespace, defaults: dict[str, Any], script: str) -> dict[str, Any]:
+    """Print (and return) each setting whose value differs from the script's constant, and where it came from.
+
+    Only the command line can change a setting (the wrappers add nothing of their own), so a run whose log
+    shows no such line ran exactly the constants in the file.
+    """
+    changed = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    for key, value in sorted(changed.items()):
+        print(f"setting: {key} = {value!r} (from the command line; the constant {key.upper()} is "
+              f"{defaults[key]!r})", flush=True)
+    if not changed:
+        print(f"setting: every value as the constants in {script}", flush=True)
+    return changed
+
+
+def stage_profile(profile: int, resize: tuple[int, int] | None, patch: tuple[int, int] | None) -> Profile:
+    """The curriculum profile with the ``--resize``/``--patch`` overrides applied and checked."""
+    base = PROFILES[profile]
+    resize, patch = tuple(resize or base.resize), tuple(patch or base.patch)
+    if patch[0] > resize[0] or patch[1] > resize[1]:
+        raise UserError(
+            f"--patch: the crop {patch[0]}x{patch[1]} is larger than the resized image {resize[0]}x{resize[1]}; "
+            "choose a smaller --patch or a larger --resize"
+        )
+    return Profile(index=base.index, resize=resize, patch=patch)

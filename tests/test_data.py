@@ -252,7 +252,7 @@ def _signalling_build_one(i: int) -> int:
 def _build_under_signal(root: str, cache: str, queue) -> None:
     """A trainer's situation: its SIGUSR1/SIGTERM handler installed, then Slurm signals the whole process
     group (trainer and cache builders) while the cache is being built."""
-    from fastseg.stage import StopFlag
+    from fastseg.stopping import StopFlag
 
     try:
         os.setpgrp()  # the group signalled below is this process and its builders, never pytest

@@ -20,7 +20,7 @@ from fastseg.data import PROFILES, SegmentationDataset
 from fastseg.engine import NonFiniteLoss
 from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
-from fastseg.stage import REQUEUE_EXIT_CODE, run_stage
+from fastseg.stopping import REQUEUE_EXIT_CODE
 
 
 def argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -35,15 +35,15 @@ def with_hook(hook):
     """train.py's objective, with ``hook(call_index, loss)`` seeing every training step."""
     calls = {"n": 0}
 
-    def build(cfg, device, model):
-        objective = train.build_objective(cfg, device, model)
+    def build(args, device, model):
+        objective, extra = train.build_objective(args, device, model)
 
         def wrapped(m, images, labels):
             loss, parts = objective(m, images, labels)
             calls["n"] += 1
             return hook(calls["n"], loss), parts
 
-        return wrapped
+        return wrapped, extra
 
     return build
 
@@ -124,30 +124,33 @@ def test_resume_after_a_hard_kill_repairs_the_metrics_log(stage1, synthetic_root
 
 
 def test_previous_model_from_a_higher_profile_warns(stage1, synthetic_root, tmp_path, capsys):
-    # Stage 1's best as the start of another run's profile 1 is fine; its profile-2 checkpoint is not.
-    higher = stage1 / "t" / "profile-2" / "best.pth"
-    if not higher.exists():
-        pytest.skip("needs the profile-2 checkpoint of test_stage_two_starts_from_stage_one_with_auto")
+    # Stage 1's best as the start of another run's profile 1 is fine; a profile-3 checkpoint is not.
+    best = load_checkpoint(stage1 / "t" / "profile-1" / "best.pth")
+    higher = tmp_path / "profile3.pth"
+    torch.save({**best, "config": {**best["config"], "profile": 3}}, higher)
     assert train.main(argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-model-path", str(higher))) == 0
-    assert "curriculum normally goes up" in capsys.readouterr().out
+    assert "trained at profile 3, above this stage's 1" in capsys.readouterr().out
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic_root, tmp_path):
-    common = ["--epochs", "2", "--previous-model-path", "none", "--seed", "3"]
+    common = ["--epochs", "3", "--previous-model-path", "none", "--seed", "3", "--check-every", "2"]
     straight = tmp_path / "straight"
     assert train.main(argv(synthetic_root, straight, *common)) == 0
 
-    def stop_at_step_two(n, loss):
-        if n == 2:  # a real signal, as Slurm sends it before the time limit
+    steps_per_epoch = TRAIN_IMAGES // 4
+    seen = []
+
+    def stop_in_epoch_two(n, loss):
+        seen.append(n)
+        if n == steps_per_epoch + 1:  # a real signal, as Slurm sends it before the time limit
             os.kill(os.getpid(), signal.SIGUSR1)
         return loss
 
     broken = tmp_path / "broken"
-    cfg = train.parse_config(argv(synthetic_root, broken, *common))
-    assert run_stage(cfg, with_hook(stop_at_step_two)) == REQUEUE_EXIT_CODE
-    saved = load_checkpoint(broken / "t" / "profile-1" / "last.pth")
-    assert (saved["epoch"], saved["step"]) == (0, 2)
-    assert not (broken / "t" / "profile-1" / "metrics.jsonl").exists()
+    assert train.main(argv(synthetic_root, broken, *common), make_objective=with_hook(stop_in_epoch_two)) == 75
+    assert len(seen) - (steps_per_epoch + 1) < 2  # stopped at the next check, --check-every 2 steps
+    assert load_checkpoint(broken / "t" / "profile-1" / "last.pth")["epoch"] == 1
+    assert [r["epoch"] for r in records(broken / "t" / "profile-1")] == [1]
 
     assert train.main(argv(synthetic_root, broken, *common)) == 0  # --resume auto is the default
     a = load_checkpoint(straight / "t" / "profile-1" / "last.pth")["model"]
@@ -156,20 +159,46 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(synthetic_root, 
     for key in a:
         assert torch.equal(a[key], b[key]), key
     resumed, whole = records(broken / "t" / "profile-1"), records(straight / "t" / "profile-1")
-    assert [r["epoch"] for r in resumed] == [1, 2]
-    for key in ("train_loss", "val_loss", "val_miou", "lr"):  # the split epoch's record covers all of it
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for key in ("train_loss", "val_loss", "val_miou", "lr"):
         assert [r[key] for r in resumed] == [r[key] for r in whole], key
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
-    cfg = train.parse_config(argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none"))
+    args = argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none")
     steps_per_epoch = TRAIN_IMAGES // 4
 
     def poison_second_epoch(n, loss):
         return loss * float("nan") if n > steps_per_epoch else loss
 
     with pytest.raises(NonFiniteLoss, match="--lr"):
-        run_stage(cfg, with_hook(poison_second_epoch))
+        train.main(args, make_objective=with_hook(poison_second_epoch))
+    last = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_weights_that_are_not_finite_are_never_saved(synthetic_root, tmp_path):
+    # The loss may stay finite while the model is not: an inf in a BatchNorm running statistic, which training
+    # mode never reads, would still ruin every later evaluation. No file may get it.
+    args = argv(synthetic_root, tmp_path, "--epochs", "2", "--previous-model-path", "none", "--check-every", "1")
+    steps_per_epoch = TRAIN_IMAGES // 4
+    poisoned = {}
+
+    def build(a, device, model):
+        objective, extra = train.build_objective(a, device, model)
+
+        def wrapped(m, images, labels):
+            poisoned["n"] = poisoned.get("n", 0) + 1
+            if poisoned["n"] == steps_per_epoch + 1:
+                bn = next(x for x in model.modules() if isinstance(x, torch.nn.BatchNorm2d))
+                bn.running_var.fill_(float("inf"))
+            return objective(m, images, labels)
+
+        return wrapped, extra
+
+    with pytest.raises(NonFiniteLoss, match="weights became non-finite"):
+        train.main(args, make_objective=build)
     last = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
@@ -214,13 +243,14 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.glob("**/*.pth"))
 
 
-def test_ctrl_c_saves_and_stops_and_twice_quits_at_once(synthetic_root, tmp_path):
-    common = ["--epochs", "2", "--previous-model-path", "none"]
+def test_ctrl_c_stops_and_twice_quits_at_once(synthetic_root, tmp_path):
+    common = ["--epochs", "3", "--previous-model-path", "none"]
+    steps_per_epoch = TRAIN_IMAGES // 4
     before = signal.getsignal(signal.SIGINT)
 
     def interrupt(times):
         def hook(n, loss):
-            if n == 2:
+            if n == steps_per_epoch + 2:
                 for _ in range(times):  # a real SIGINT, as the terminal sends on Ctrl-C
                     os.kill(os.getpid(), signal.SIGINT)
             return loss
@@ -228,29 +258,26 @@ def test_ctrl_c_saves_and_stops_and_twice_quits_at_once(synthetic_root, tmp_path
         return hook
 
     once = tmp_path / "once"
-    assert run_stage(train.parse_config(argv(synthetic_root, once, *common)), with_hook(interrupt(1))) == 75
-    saved = load_checkpoint(once / "t" / "profile-1" / "last.pth")
-    assert (saved["epoch"], saved["step"]) == (0, 2)
+    assert train.main(argv(synthetic_root, once, *common), make_objective=with_hook(interrupt(1))) == 75
+    assert load_checkpoint(once / "t" / "profile-1" / "last.pth")["epoch"] == 1
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
     twice = tmp_path / "twice"
     with pytest.raises(KeyboardInterrupt):
-        run_stage(train.parse_config(argv(synthetic_root, twice, *common)), with_hook(interrupt(2)))
-    assert not (twice / "t" / "profile-1" / "last.pth").exists()
+        train.main(argv(synthetic_root, twice, *common), make_objective=with_hook(interrupt(2)))
+    assert load_checkpoint(twice / "t" / "profile-1" / "last.pth")["epoch"] == 1
     assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_signal_during_validation_stops_after_the_epoch_unless_it_was_the_last(synthetic_root, tmp_path,
                                                                                  monkeypatch):
-    import fastseg.stage as stage_module
-
-    real_evaluate = stage_module.evaluate
+    real_evaluate = train.evaluate
 
     def signalled_evaluate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGUSR1)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(stage_module, "evaluate", signalled_evaluate)
+    monkeypatch.setattr(train, "evaluate", signalled_evaluate)
     args = argv(synthetic_root, tmp_path, "--epochs", "2", "--previous-model-path", "none")
     assert train.main(args) == REQUEUE_EXIT_CODE  # epoch 1 is saved whole; the requeued job does epoch 2
     assert load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")["epoch"] == 1
@@ -261,22 +288,22 @@ def test_a_signal_during_validation_stops_after_the_epoch_unless_it_was_the_last
 def test_a_kill_during_save_leaves_the_previous_file_loadable(tmp_path):
     target = tmp_path / "last.pth"
     atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 1}, target)
-    # A child saves a large checkpoint over and over; it is killed mid-write, at a random point.
+    # The child starts writing a new checkpoint, says so from inside the write and waits there: the kill
+    # lands while the temporary file is half written, every time.
     code = (
-        "import sys, torch; from fastseg.checkpoint import atomic_save\n"
-        "big = {'model': {'w': torch.randn(4_000_000)}, 'epoch': 2}\n"
-        "print('ready', flush=True)\n"
-        "while True: atomic_save(big, sys.argv[1])\n"
+        "import sys; from fastseg.checkpoint import atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'PK' + bytes(1_000_000))\n"
+        "    f.flush(); print('writing', flush=True); sys.stdin.readline()\n"
+        "atomic_write(sys.argv[1], write)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "ready"
-    for _ in range(200):  # wait until at least one temp file is being written, then kill
-        if list(tmp_path.glob(".last.pth.*")):
-            break
+    child = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    assert [p.stat().st_size for p in tmp_path.glob(".last.pth.*")] == [1_000_002]  # the half-written file
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
-    ckpt = load_checkpoint(target)
-    assert ckpt["epoch"] in (1, 2)
+    assert load_checkpoint(target)["epoch"] == 1
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
@@ -302,10 +329,9 @@ def _signal_self_and_report(stop, queue) -> None:
 def _trainer_with_a_forked_worker(queue) -> None:
     import multiprocessing as mp
 
-    from fastseg.stage import StopFlag
+    from fastseg.stopping import StopFlag
 
-    stop = StopFlag()
-    stop.install()
+    stop = StopFlag().install()
     worker = mp.get_context("fork").Process(target=_signal_self_and_report, args=(stop, queue))
     worker.start()
     worker.join(timeout=30)

@@ -4,7 +4,7 @@
 # shellcheck shell=bash
 
 # Exit status of a trainer that saved last.pth after SIGUSR1/SIGTERM and wants to be run again
-# (REQUEUE_EXIT_CODE in fastseg/stage.py).
+# (REQUEUE_EXIT_CODE in fastseg/stopping.py).
 FASTSEG_REQUEUE_EXIT=75
 
 # fastseg_load_dotenv DIR: export KEY=VALUE lines of DIR/.env (git-ignored; see .env.example) without
