@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fastseg.data import PROFILES
+from fastseg.cityscapes import PROFILES
 from fastseg.models import ARCHS
 
 

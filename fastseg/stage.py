@@ -31,7 +31,8 @@ from fastseg.checkpoint import (
     load_weights,
     model_config,
 )
-from fastseg.data import NUM_CLASSES, PROFILES, Profile, SegmentationDataset, build_loader, set_epoch
+from fastseg.cityscapes import NUM_CLASSES, PROFILES, Profile
+from fastseg.data import SegmentationDataset, build_loader, set_epoch
 from fastseg.engine import NonFiniteLoss, StepContext, StopRequested, evaluate, train_one_epoch
 from fastseg.errors import UserError
 from fastseg.models import build_model

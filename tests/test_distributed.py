@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, TINY_ARGS
 
-from fastseg.data import Profile, SegmentationDataset, build_loader, set_epoch
+from fastseg.cityscapes import Profile
+from fastseg.data import SegmentationDataset, build_loader, set_epoch
 from fastseg.distributed import env_dist_info
 from fastseg.engine import StepContext, evaluate, supervised_objective, train_one_epoch
 from fastseg.losses import SegmentationLoss
