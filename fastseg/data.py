@@ -54,7 +54,6 @@ class SegmentationDataset(Dataset):
         if label_resolution not in ("full", "resized"):
             raise UserError(f"--label-resolution {label_resolution}: choose 'full' or 'resized'")
         self.profile = get_profile(profile)
-        self.split = split
         self.train = train
         self.scale_aug = scale_aug
         self.label_resolution = label_resolution
