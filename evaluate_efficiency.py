@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_profile(args: argparse.Namespace, config: dict[str, Any], path: Path):
     """The profile to evaluate at: --profile, else the checkpoint's own (with its stored resize, which a
     stage trained with --resize changed)."""
-    from fastseg.data import get_profile
+    from fastseg.cityscapes import get_profile
 
     if args.profile is not None:
         return get_profile(args.profile)
@@ -178,7 +178,8 @@ def resolve_profile(args: argparse.Namespace, config: dict[str, Any], path: Path
 
 
 def accuracy(model, args, profile, device, prediction_dir, overlay_dir) -> dict[str, Any]:
-    from fastseg.data import NUM_CLASSES, SegmentationDataset, build_loader
+    from fastseg.cityscapes import NUM_CLASSES
+    from fastseg.data import SegmentationDataset, build_loader
 
     data_dir = Path(args.data_dir)
     dataset = SegmentationDataset(
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         eff.write_json(args.output, results, method)
         print(f"wrote {args.output}", file=sys.stderr)
     if args.plots is not None:
-        from fastseg.data import CLASS_NAMES
+        from fastseg.cityscapes import CLASS_NAMES
 
         written = []
         for row in results:

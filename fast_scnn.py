@@ -301,7 +301,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _summary() -> None:
     # Imported here so that the model itself stays a single copyable file.
-    from fastseg.data import PROFILES
+    from fastseg.cityscapes import PROFILES
     from fastseg.flops import count_macs, count_params
 
     model = FastSCNN()

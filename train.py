@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fastseg import distributed
+from fastseg.augment import prepare_batch
 from fastseg.checkpoint import (
     append_jsonl,
     atomic_save,
@@ -40,8 +41,9 @@ from fastseg.checkpoint import (
     resolve_previous,
     stage_dir,
 )
+from fastseg.cityscapes import NUM_CLASSES
 from fastseg.config import build_parser, report_overrides, stage_profile
-from fastseg.data import NUM_CLASSES, SegmentationDataset, build_loader, prepare_batch, set_epoch
+from fastseg.data import SegmentationDataset, build_loader
 from fastseg.engine import NonFiniteLoss, autocast_context, evaluate, resolve_amp
 from fastseg.errors import UserError, run_cli
 from fastseg.losses import SegmentationLoss
@@ -279,7 +281,7 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
         if stopping:
             break
         seed_everything(args.seed, epoch, info.rank)
-        set_epoch(train_loader, epoch)
+        train_loader.sampler.set_epoch(epoch)  # the epoch's order and crops (all ranks alike)
         progress = Progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=info.is_main,
                             log_every=args.log_every)
         train_metrics = train_one_epoch(train_model, objective, optimizer, scheduler, train_loader, device, epoch,

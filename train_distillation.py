@@ -23,7 +23,7 @@ import torch
 
 import train
 from fastseg.checkpoint import load_model
-from fastseg.data import NUM_CLASSES
+from fastseg.cityscapes import NUM_CLASSES
 from fastseg.errors import UserError, run_cli
 from fastseg.losses import DistillationLoss
 

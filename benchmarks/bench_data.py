@@ -29,7 +29,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastseg import data as D  # noqa: E402
+from fastseg.augment import (  # noqa: E402
+    JITTER_BRIGHTNESS,
+    JITTER_CONTRAST,
+    JITTER_HUE,
+    JITTER_SATURATION,
+    prepare_batch,
+)
+from fastseg.cache import open_cache  # noqa: E402
+from fastseg.cityscapes import (  # noqa: E402
+    ID_TO_TRAIN_ID,
+    MEAN,
+    PROFILES,
+    STD,
+    Profile,
+    get_profile,
+    list_samples,
+)
+from fastseg.data import SegmentationDataset, build_loader  # noqa: E402
 from fastseg.errors import UserError, run_cli  # noqa: E402
 
 
@@ -51,7 +68,8 @@ def timed_batches(loader, batches: int, warmup: int, step=None) -> tuple[float, 
     done, images, epoch = 0, 0, 0
     t0 = time.perf_counter()  # reset when the warm-up ends
     while done < warmup + batches:
-        D.set_epoch(loader, epoch)
+        if hasattr(loader.sampler, "set_epoch"):  # the plain torchvision pipeline has none
+            loader.sampler.set_epoch(epoch)
         for batch in loader:
             if step is not None:
                 step(batch)
@@ -67,11 +85,11 @@ def timed_batches(loader, batches: int, warmup: int, step=None) -> tuple[float, 
     return images / seconds, seconds
 
 
-def bench_fast(args, profile: D.Profile) -> float:
-    samples = D.list_samples(args.data_dir, "train")
-    present = D.open_cache(args.data_dir, "train", samples, profile.resize_hw, args.cache_dir, build=False)
+def bench_fast(args, profile: Profile) -> float:
+    samples = list_samples(args.data_dir, "train")
+    present = open_cache(args.data_dir, "train", samples, profile.resize_hw, args.cache_dir, build=False)
     t0 = time.perf_counter()
-    dataset = D.SegmentationDataset(
+    dataset = SegmentationDataset(
         args.data_dir, "train", profile, train=True, cache_dir=args.cache_dir, scale_aug=args.scale_aug
     )
     took = time.perf_counter() - t0
@@ -79,11 +97,11 @@ def bench_fast(args, profile: D.Profile) -> float:
         f"cache: {'present, opened' if present else 'built'} in {took:.1f} s ({len(dataset)} images)",
         flush=True,
     )
-    loader = D.build_loader(dataset, args.batch_size, args.workers, shuffle=True, seed=0)
+    loader = build_loader(dataset, args.batch_size, args.workers, shuffle=True, seed=0)
     generator = torch.Generator().manual_seed(0)
 
     def step(batch):
-        D.prepare_batch(batch[0], batch[1], "cpu", train=True, generator=generator)
+        prepare_batch(batch[0], batch[1], "cpu", train=True, generator=generator)
 
     # What the loader alone hands over (uint8 crops): on a GPU node prepare_batch runs on the GPU, so this
     # is the pace the CPU side sets there.
@@ -98,7 +116,7 @@ def bench_fast(args, profile: D.Profile) -> float:
 class PlainTransforms:
     """The usual torchvision v2 recipe, label ids mapped per pixel with ``Tensor.apply_``."""
 
-    def __init__(self, profile: D.Profile) -> None:
+    def __init__(self, profile: Profile) -> None:
         from torchvision import tv_tensors
         from torchvision.transforms import v2
 
@@ -109,12 +127,12 @@ class PlainTransforms:
                 v2.Resize(profile.resize_hw, antialias=True),
                 v2.RandomCrop(profile.patch_hw),
                 v2.RandomHorizontalFlip(),
-                v2.ColorJitter(D.JITTER_BRIGHTNESS, D.JITTER_CONTRAST, D.JITTER_SATURATION, D.JITTER_HUE),
+                v2.ColorJitter(JITTER_BRIGHTNESS, JITTER_CONTRAST, JITTER_SATURATION, JITTER_HUE),
                 v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-                v2.Normalize(D.MEAN, D.STD),
+                v2.Normalize(MEAN, STD),
             ]
         )
-        self.lut = D.ID_TO_TRAIN_ID.tolist()
+        self.lut = ID_TO_TRAIN_ID.tolist()
 
     def __call__(self, image, target):
         v2, tv_tensors = self.tv_tensors
@@ -125,11 +143,11 @@ class PlainTransforms:
         return image.as_subclass(torch.Tensor), label.long()
 
 
-def bench_plain(args, profile: D.Profile) -> float:
+def bench_plain(args, profile: Profile) -> float:
     from torch.utils.data import DataLoader
     from torchvision.datasets import Cityscapes
 
-    D.list_samples(args.data_dir, "train")  # the same checks and errors as the fast path
+    list_samples(args.data_dir, "train")  # the same checks and errors as the fast path
     dataset = Cityscapes(
         str(args.data_dir),
         split="train",
@@ -157,13 +175,13 @@ def main() -> int:
     p.add_argument(
         "--data-dir", type=Path, help="Cityscapes layout; default: a generated full-size synthetic set"
     )
-    p.add_argument("--profile", type=int, default=1, choices=sorted(D.PROFILES))
+    p.add_argument("--profile", type=int, default=1, choices=sorted(PROFILES))
     p.add_argument("--batches", type=int, default=30, help="timed batches per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start, page cache)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mode", choices=["fast", "plain", "both"], default="both")
-    p.add_argument("--cache-dir", type=Path, default=None, help="default: as the trainers (see fastseg.data)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: as the trainers (see fastseg.cache)")
     p.add_argument("--scale-aug", action="store_true", help="fast loader with the random 0.5-2.0 scale")
     p.add_argument(
         "--threads",
@@ -179,7 +197,7 @@ def main() -> int:
         raise UserError("--batches must be at least 1 and --warmup at least 0")
     if args.data_dir is None:
         args.data_dir = synthetic_dir(args.synthetic_images, 2048, 1024)
-    profile = D.get_profile(args.profile)
+    profile = get_profile(args.profile)
     # Threads beyond the free cores make OpenMP spin against the loader workers (a stack of 8 crops went
     # from 1 ms to 50 ms on 2 cores with 2 workers).
     cores = len(os.sched_getaffinity(0))

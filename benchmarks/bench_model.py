@@ -17,7 +17,7 @@ import time
 import torch
 
 from fast_scnn import fold_batchnorm
-from fastseg.data import PROFILES
+from fastseg.cityscapes import PROFILES
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import ARCHS, build_model

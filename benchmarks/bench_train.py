@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from fastseg.data import PROFILES
+from fastseg.cityscapes import PROFILES
 from fastseg.distributed import resolve_device
 from fastseg.engine import StepContext, supervised_objective, train_one_epoch
 from fastseg.losses import DistillationLoss, SegmentationLoss

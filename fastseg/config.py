@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fastseg.data import PROFILES, Profile
+from fastseg.cityscapes import PROFILES, Profile
 from fastseg.errors import UserError
 from fastseg.models import ARCHS
 

@@ -187,7 +187,7 @@ def prediction_name(sample_name: str) -> str:
 
 def save_prediction(train_ids: np.ndarray, path: Path) -> None:
     """Write one prediction as a PNG of Cityscapes *label ids* (what the official tools expect)."""
-    from fastseg.data import TRAIN_ID_TO_ID
+    from fastseg.cityscapes import TRAIN_ID_TO_ID
 
     label_ids = TRAIN_ID_TO_ID[train_ids.astype(np.uint8)]
     _atomic_save_image(Image.fromarray(label_ids), path)
@@ -195,7 +195,7 @@ def save_prediction(train_ids: np.ndarray, path: Path) -> None:
 
 def save_overlay(image_path: Path, train_ids: np.ndarray, path: Path, alpha: float = 0.5) -> None:
     """Blend the colourised prediction over the original image, for a human to look at."""
-    from fastseg.data import colorize
+    from fastseg.cityscapes import colorize
 
     colours = Image.fromarray(colorize(train_ids.astype(np.uint8)))
     with Image.open(image_path) as image:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg import distributed as dist_utils
-from fastseg.data import IGNORE_INDEX, NUM_CLASSES, prepare_batch
+from fastseg.augment import prepare_batch
+from fastseg.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
 

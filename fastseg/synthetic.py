@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
-from fastseg.data import ID_TO_TRAIN_ID
+from fastseg.cityscapes import ID_TO_TRAIN_ID
 from fastseg.errors import UserError, run_cli
 
 # Bumped whenever a change to the drawing makes the same parameters give different pixels. Recorded in the marker

@@ -395,7 +395,7 @@ def _is_nan(value: Any) -> bool:
 
 def _class_names(n: int) -> list[str]:
     try:
-        from fastseg.data import CLASS_NAMES
+        from fastseg.cityscapes import CLASS_NAMES
 
         if len(CLASS_NAMES) == n:
             return list(CLASS_NAMES)
@@ -416,7 +416,7 @@ def prediction_panel(
     """
     from PIL import Image
 
-    from fastseg.data import MEAN, STD, colorize
+    from fastseg.cityscapes import MEAN, STD, colorize
 
     image = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).detach().cpu()
     if image.dtype != torch.uint8:

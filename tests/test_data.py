@@ -1,4 +1,5 @@
-"""fastseg.data on tiny Cityscapes-layout folders made here with PIL (a few 96×48 images, seconds in all)."""
+"""fastseg.cityscapes, .cache, .augment and .data on tiny Cityscapes-layout folders made here with PIL
+(a few 96×48 images, seconds in all)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,32 @@ from PIL import Image
 from torchvision.datasets import Cityscapes
 from torchvision.transforms.v2 import functional as TF
 
-from fastseg import data as D
+import fastseg.cache
+from fastseg.augment import _affine_bmm, _affine_cpu, _channel_means_cpu, _jitter_affine, prepare_batch
+from fastseg.cache import CACHE_ENV
+from fastseg.cityscapes import (
+    CLASS_NAMES,
+    ID_TO_TRAIN_ID,
+    MEAN,
+    NUM_CLASSES,
+    PROFILES,
+    STD,
+    TRAIN_ID_COLORS,
+    TRAIN_ID_TO_ID,
+    VALID_LABEL_IDS,
+    Profile,
+    colorize,
+    get_profile,
+    list_samples,
+    load_sample,
+    read_image,
+)
+from fastseg.data import EpochSampler, SegmentationDataset, build_loader
 from fastseg.errors import UserError
 
 SIZE = (96, 48)  # W, H of the source files
 BLOCK = 16
-PROFILE = D.Profile(0, resize=(48, 24), patch=(32, 16))  # a 2× downscale, then a crop
+PROFILE = Profile(0, resize=(48, 24), patch=(32, 16))  # a 2× downscale, then a crop
 # Label ids drawn for the blocks: trained classes and ignored ones (0 unlabeled, 4 static, 9 parking).
 IDS = np.array([0, 4, 7, 8, 9, 11, 17, 21, 23, 24, 26, 33], dtype=np.uint8)
 
@@ -50,7 +71,7 @@ def make_split(
         ids = _block_labels(rng)
         image_path = root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png"
         label_path = root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png"
-        Image.fromarray(PALETTE[D.ID_TO_TRAIN_ID[ids]]).save(image_path)
+        Image.fromarray(PALETTE[ID_TO_TRAIN_ID[ids]]).save(image_path)
         Image.fromarray(ids).save(label_path)
         files.append((image_path, label_path))
     return files
@@ -66,7 +87,7 @@ def cityscapes(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _own_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
 
 
 def consistent(image: np.ndarray, label: np.ndarray, tol: int = 10) -> tuple[int, int]:
@@ -97,23 +118,23 @@ def test_lookup_table_equals_torchvision_for_every_id():
     table = {c.id % 256: c for c in Cityscapes.classes}
     for value in range(256):
         if value in table:
-            assert D.ID_TO_TRAIN_ID[value] == table[value].train_id % 256
-            assert D.VALID_LABEL_IDS[value]
+            assert ID_TO_TRAIN_ID[value] == table[value].train_id % 256
+            assert VALID_LABEL_IDS[value]
         else:
-            assert D.ID_TO_TRAIN_ID[value] == 255
-            assert not D.VALID_LABEL_IDS[value]
+            assert ID_TO_TRAIN_ID[value] == 255
+            assert not VALID_LABEL_IDS[value]
     trained = sorted((c for c in Cityscapes.classes if 0 <= c.train_id < 255), key=lambda c: c.train_id)
-    assert tuple(c.name for c in trained) == D.CLASS_NAMES and len(D.CLASS_NAMES) == D.NUM_CLASSES == 19
+    assert tuple(c.name for c in trained) == CLASS_NAMES and len(CLASS_NAMES) == NUM_CLASSES == 19
     for c in trained:
-        assert D.TRAIN_ID_TO_ID[c.train_id] == c.id
-        assert tuple(D.TRAIN_ID_COLORS[c.train_id]) == c.color
-    assert tuple(D.TRAIN_ID_COLORS[255]) == (0, 0, 0)
+        assert TRAIN_ID_TO_ID[c.train_id] == c.id
+        assert tuple(TRAIN_ID_COLORS[c.train_id]) == c.color
+    assert tuple(TRAIN_ID_COLORS[255]) == (0, 0, 0)
     ids = np.array([[7, 26], [0, 255]], dtype=np.uint8)
-    assert np.array_equal(D.colorize(D.ID_TO_TRAIN_ID[ids]), [[(128, 64, 128), (0, 0, 142)], [(0, 0, 0)] * 2])
+    assert np.array_equal(colorize(ID_TO_TRAIN_ID[ids]), [[(128, 64, 128), (0, 0, 142)], [(0, 0, 0)] * 2])
 
 
 def test_profiles_and_unknown_profile():
-    sizes = {k: (p.resize, p.patch) for k, p in D.PROFILES.items()}
+    sizes = {k: (p.resize, p.patch) for k, p in PROFILES.items()}
     assert sizes == {
         1: ((576, 288), (448, 224)),
         2: ((768, 384), (576, 288)),
@@ -121,9 +142,9 @@ def test_profiles_and_unknown_profile():
         4: ((1536, 768), (1152, 576)),
         5: ((2048, 1024), (1536, 768)),
     }
-    assert D.get_profile(1).resize_hw == (288, 576) and D.get_profile(1).patch_hw == (224, 448)
+    assert get_profile(1).resize_hw == (288, 576) and get_profile(1).patch_hw == (224, 448)
     with pytest.raises(UserError, match="--profile 6"):
-        D.get_profile(6)
+        get_profile(6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,29 +152,29 @@ def test_profiles_and_unknown_profile():
 
 
 def test_label_train_ids_preferred_when_present(cityscapes: Path):
-    sample = D.list_samples(cityscapes, "val")[0]
+    sample = list_samples(cityscapes, "val")[0]
     assert not sample.label_is_train_ids and sample.name == "aachen_000000_000019" and sample.city == "aachen"
     # A trainIds file that disagrees with the labelIds one: its content must win.
     train_ids = np.full((SIZE[1], SIZE[0]), 5, dtype=np.uint8)
     train_ids[:, :10] = 255
     path = sample.label.with_name(f"{sample.name}_gtFine_labelTrainIds.png")
     Image.fromarray(train_ids).save(path)
-    sample = D.list_samples(cityscapes, "val")[0]
+    sample = list_samples(cityscapes, "val")[0]
     assert sample.label_is_train_ids and sample.label == path
-    ds = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="full")
+    ds = SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="full")
     assert np.array_equal(ds[0][1].numpy(), train_ids)
 
 
 def test_cache_returns_the_same_as_direct_decoding(cityscapes: Path):
-    samples = D.list_samples(cityscapes, "val")
-    full = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="full")
-    resized = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="resized")
+    samples = list_samples(cityscapes, "val")
+    full = SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="full")
+    resized = SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="resized")
     assert [s.name for s in full.samples] == [s.name for s in samples]
     for i, sample in enumerate(samples):
         pil_image = np.asarray(Image.open(sample.image).convert("RGB")).transpose(2, 0, 1)
-        pil_label = D.ID_TO_TRAIN_ID[np.asarray(Image.open(sample.label))]
-        assert np.array_equal(D.read_image(sample.image).numpy(), pil_image)
-        image, label = D.load_sample(sample, PROFILE.resize_hw)
+        pil_label = ID_TO_TRAIN_ID[np.asarray(Image.open(sample.label))]
+        assert np.array_equal(read_image(sample.image).numpy(), pil_image)
+        image, label = load_sample(sample, PROFILE.resize_hw)
         assert image.shape == (3, 24, 48) and label.shape == (24, 48)
         got_image, got_label, index = full[i]
         assert index == i and got_image.dtype == torch.uint8 and got_label.dtype == torch.uint8
@@ -165,7 +186,7 @@ def test_cache_returns_the_same_as_direct_decoding(cityscapes: Path):
 
 
 def test_cache_rebuilt_when_a_source_changes(cityscapes: Path, tmp_path: Path):
-    ds = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    ds = SegmentationDataset(cityscapes, "val", PROFILE, train=False)
     before = ds[1][1].numpy().copy()
     entries = sorted((tmp_path / "cache").glob("*/val-*/"))
     assert len(entries) == 1
@@ -174,27 +195,27 @@ def test_cache_rebuilt_when_a_source_changes(cityscapes: Path, tmp_path: Path):
     changed = np.full_like(before, 26)
     Image.fromarray(changed).save(label)
     os.utime(label, ns=(time.time_ns(), time.time_ns() + 10**9))
-    again = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
-    assert np.array_equal(again[1][1].numpy(), D.ID_TO_TRAIN_ID[changed])
+    again = SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    assert np.array_equal(again[1][1].numpy(), ID_TO_TRAIN_ID[changed])
     assert np.array_equal(again[0][1].numpy(), ds[0][1].numpy())
     now = sorted((tmp_path / "cache").glob("*/val-*/"))
     assert len(now) == 1 and now != entries  # the stale entry is gone
 
 
 def test_cache_location_default_env_and_argument(cityscapes: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.delenv(D.CACHE_ENV)
-    D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    monkeypatch.delenv(CACHE_ENV)
+    SegmentationDataset(cityscapes, "val", PROFILE, train=False)
     assert list((cityscapes / ".cache" / "fastseg").glob("*/val-*/images-48x24.npy"))
-    D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, cache_dir=tmp_path / "mine")
+    SegmentationDataset(cityscapes, "val", PROFILE, train=False, cache_dir=tmp_path / "mine")
     assert list((tmp_path / "mine").glob("*/val-*/images-48x24.npy"))
-    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path / "env"))
-    D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    SegmentationDataset(cityscapes, "val", PROFILE, train=False)
     assert list((tmp_path / "env").glob("*/val-*/images-48x24.npy"))
 
 
 def _build_and_digest(root: str, cache: str, workers: int, queue) -> None:
     try:
-        ds = D.SegmentationDataset(
+        ds = SegmentationDataset(
             root,
             "train",
             PROFILE,
@@ -224,7 +245,7 @@ def test_concurrent_builders_both_succeed_with_identical_data(cityscapes: Path, 
     entries = list(Path(cache).glob("*/train-*/"))
     assert len(entries) == 1 and not list(entries[0].glob(".*tmp*"))
     # And the same as a build in this process (serial path).
-    ds = D.SegmentationDataset(
+    ds = SegmentationDataset(
         cityscapes,
         "train",
         PROFILE,
@@ -238,7 +259,7 @@ def test_concurrent_builders_both_succeed_with_identical_data(cityscapes: Path, 
     )
 
 
-_BUILD_ONE = D._build_one
+_BUILD_ONE = fastseg.cache._build_one
 
 
 def _signalling_build_one(i: int) -> int:
@@ -258,8 +279,9 @@ def _build_under_signal(root: str, cache: str, queue) -> None:
         os.setpgrp()  # the group signalled below is this process and its builders, never pytest
         stop = StopFlag()
         stop.install()
-        D._build_one = _signalling_build_one  # the forked builders run this process's copy of the module
-        ds = D.SegmentationDataset(root, "train", PROFILE, train=False, label_resolution="resized",
+        # The forked builders run this process's copy of the module.
+        fastseg.cache._build_one = _signalling_build_one
+        ds = SegmentationDataset(root, "train", PROFILE, train=False, label_resolution="resized",
                                    cache_dir=cache, cache_workers=2)
         digest = b"".join(ds[i][0].numpy().tobytes() + ds[i][1].numpy().tobytes() for i in range(len(ds)))
         queue.put((stop.signal_name, digest))
@@ -283,7 +305,7 @@ def test_builders_finish_when_the_process_group_is_signalled(cityscapes: Path, t
     assert isinstance(result, tuple), result
     signal_name, digest = result
     assert signal_name == "SIGTERM" and proc.exitcode == 0
-    serial = D.SegmentationDataset(cityscapes, "train", PROFILE, train=False, label_resolution="resized",
+    serial = SegmentationDataset(cityscapes, "train", PROFILE, train=False, label_resolution="resized",
                                    cache_dir=tmp_path / "serial", cache_workers=1)
     assert digest == b"".join(serial[i][0].numpy().tobytes() + serial[i][1].numpy().tobytes()
                               for i in range(len(serial)))
@@ -294,8 +316,8 @@ def test_builders_finish_when_the_process_group_is_signalled(cityscapes: Path, t
 
 
 def test_train_crop_and_flip_are_exact_aligned_slices(cityscapes: Path):
-    full = D.SegmentationDataset(cityscapes, "train", PROFILE, train=False, label_resolution="resized")
-    train = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+    full = SegmentationDataset(cityscapes, "train", PROFILE, train=False, label_resolution="resized")
+    train = SegmentationDataset(cityscapes, "train", PROFILE, train=True)
     ph, pw = PROFILE.patch_hw
     flips = set()
     for key in [(0, e, i) for e in range(3) for i in range(len(train))]:
@@ -319,7 +341,7 @@ def test_train_crop_and_flip_are_exact_aligned_slices(cityscapes: Path):
 
 @pytest.mark.parametrize("scale_aug", [False, True])
 def test_train_items_keep_image_and_label_aligned(cityscapes: Path, scale_aug: bool):
-    ds = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True, scale_aug=scale_aug)
+    ds = SegmentationDataset(cityscapes, "train", PROFILE, train=True, scale_aug=scale_aug)
     checked = 0
     for key in [(3, e, i) for e in range(4) for i in range(len(ds))]:
         image, label, _ = ds[key]
@@ -334,8 +356,8 @@ def test_train_items_keep_image_and_label_aligned(cityscapes: Path, scale_aug: b
 
 
 def test_scale_aug_rescales_and_pads_with_ignore(cityscapes: Path):
-    ds = D.SegmentationDataset(
-        cityscapes, "train", D.Profile(0, (48, 24), (40, 20)), train=True, scale_aug=True
+    ds = SegmentationDataset(
+        cityscapes, "train", Profile(0, (48, 24), (40, 20)), train=True, scale_aug=True
     )
     padded = 0
     for e in range(20):
@@ -352,7 +374,7 @@ def test_scale_aug_rescales_and_pads_with_ignore(cityscapes: Path):
 def _batches(loader, epochs):
     out = []
     for e in epochs:
-        D.set_epoch(loader, e)
+        loader.sampler.set_epoch(e)
         out.append([(b[0].clone(), b[1].clone(), b[2].clone()) for b in loader])
     return out
 
@@ -362,46 +384,40 @@ def _same(a, b) -> bool:
 
 
 def test_loaders_are_deterministic_and_epochs_differ(cityscapes: Path):
-    ds = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True)
-    first = _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
-    again = _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
+    ds = SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+    first = _batches(build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
+    again = _batches(build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
     assert all(_same(a, b) for a, b in zip(first, again))
     assert not _same(first[0], first[1]) and not _same(first[1], first[2])
-    assert not _same(first[0], _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=8), [0])[0])
+    assert not _same(first[0], _batches(build_loader(ds, 2, 0, shuffle=True, seed=8), [0])[0])
     # A resumed run (fresh loader, straight to epoch 2) draws what the uninterrupted run drew, and worker
     # processes (persistent, so they never see attributes set later) change nothing.
-    workers = D.build_loader(ds, 2, 2, shuffle=True, seed=7)
+    workers = build_loader(ds, 2, 2, shuffle=True, seed=7)
     assert workers.persistent_workers
     assert _same(_batches(workers, [2])[0], first[2])
     assert _same(_batches(workers, [0])[0], first[0])
     assert (
         len(first[0]) == 3 and first[0][0][0].shape == (2, 3, 16, 32) and first[0][0][1].dtype == torch.uint8
     )
-    # Resumed inside an epoch: the loader starts at the batch the run stopped before, and the next epoch
-    # is whole again.
-    D.set_epoch(workers, 1, start_step=2)
-    assert len(workers) == 1
-    assert _same([(b[0].clone(), b[1].clone(), b[2].clone()) for b in workers], first[1][2:])
-    assert _same(_batches(workers, [2])[0], first[2])
 
 
 def test_epoch_advances_without_set_epoch(cityscapes: Path):
-    ds = D.SegmentationDataset(cityscapes, "train", PROFILE, train=True)
-    loader = D.build_loader(ds, 2, 0, shuffle=True, seed=7)
+    ds = SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+    loader = build_loader(ds, 2, 0, shuffle=True, seed=7)
     plain = [[b[0].clone() for b in loader] for _ in range(2)]
-    chosen = _batches(D.build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1])
+    chosen = _batches(build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1])
     assert all(torch.equal(x, y[0]) for x, y in zip(plain[1], chosen[1]))
 
 
 def test_eval_loader_is_ordered_and_complete(cityscapes: Path):
-    ds = D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
-    loader = D.build_loader(ds, 2, 0, shuffle=False, seed=0)
+    ds = SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+    loader = build_loader(ds, 2, 0, shuffle=False, seed=0)
     indices = torch.cat([b[2] for b in loader]).tolist()
     assert indices == [0, 1, 2]
-    shards = [list(D.EpochSampler(ds, seed=0, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    shards = [list(EpochSampler(ds, seed=0, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
     assert sorted(i for s in shards for _, _, i in s) == [0, 1, 2]
     with pytest.raises(UserError, match="--batch-size"):
-        D.build_loader(ds, 8, 0, shuffle=True, seed=0)
+        build_loader(ds, 8, 0, shuffle=True, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,14 +427,14 @@ def test_eval_loader_is_ordered_and_complete(cityscapes: Path):
 def test_prepare_batch_normalises_and_jitter_off_is_identity():
     images = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8)
     labels = torch.randint(0, 19, (2, 8, 12), dtype=torch.uint8)
-    mean, std = torch.tensor(D.MEAN).view(1, 3, 1, 1), torch.tensor(D.STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     expect = (images.float() / 255 - mean) / std
     for train, jitter in ((False, True), (True, False)):
-        x, y = D.prepare_batch(images, labels, "cpu", train=train, jitter=jitter)
+        x, y = prepare_batch(images, labels, "cpu", train=train, jitter=jitter)
         assert x.dtype == torch.float32 and x.shape == (2, 3, 8, 12) and y.dtype == torch.int64
         torch.testing.assert_close(x, expect)
         assert torch.equal(y, labels.long())
-    x, _ = D.prepare_batch(images, labels, "cpu", train=False, channels_last=True)
+    x, _ = prepare_batch(images, labels, "cpu", train=False, channels_last=True)
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, expect)
 
@@ -426,22 +442,22 @@ def test_prepare_batch_normalises_and_jitter_off_is_identity():
 def test_prepare_batch_jitter_is_seeded_per_image_and_bounded():
     images = torch.randint(0, 256, (4, 3, 8, 12), dtype=torch.uint8)
     labels = torch.zeros(4, 8, 12, dtype=torch.uint8)
-    a, _ = D.prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(1))
-    b, _ = D.prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(1))
-    c, _ = D.prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(2))
-    plain, _ = D.prepare_batch(images, labels, "cpu", train=False)
+    a, _ = prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(1))
+    b, _ = prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(1))
+    c, _ = prepare_batch(images, labels, "cpu", train=True, generator=torch.Generator().manual_seed(2))
+    plain, _ = prepare_batch(images, labels, "cpu", train=False)
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, plain, atol=1e-3)
-    mean, std = torch.tensor(D.MEAN).view(1, 3, 1, 1), torch.tensor(D.STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     back = a * std + mean
     assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5
     # Each image gets its own factors: the same picture twice in a batch comes out different.
     twin = images[:1].repeat(2, 1, 1, 1)
-    d, _ = D.prepare_batch(twin, labels[:2], "cpu", train=True, generator=torch.Generator().manual_seed(3))
+    d, _ = prepare_batch(twin, labels[:2], "cpu", train=True, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(d[0], d[1])
 
 
 def _affine(x: torch.Tensor, factors: list[float]) -> torch.Tensor:
-    a, t = D._jitter_affine(x.mean(dim=(2, 3)), torch.tensor([factors]))
+    a, t = _jitter_affine(x.mean(dim=(2, 3)), torch.tensor([factors]))
     return torch.einsum("nij,njhw->nihw", a, x) + t[:, :, None, None]
 
 
@@ -495,51 +511,51 @@ def _colour_label(path: Path) -> None:
     ],
 )
 def test_bad_inputs_name_the_file(cityscapes: Path, breakage, which: str, message: str):
-    sample = D.list_samples(cityscapes, "val")[1]
+    sample = list_samples(cityscapes, "val")[1]
     path = sample.image if which == "image" else sample.label
     breakage(path)
     with pytest.raises(UserError, match=message) as err:
-        D.SegmentationDataset(cityscapes, "val", PROFILE, train=False)
+        SegmentationDataset(cityscapes, "val", PROFILE, train=False)
     assert str(sample.image if message == "no label" else path) in str(err.value)
 
 
 def test_bad_data_dir_and_empty_split(tmp_path: Path, cityscapes: Path):
     with pytest.raises(UserError, match="python -m fastseg.synthetic") as err:
-        D.list_samples(tmp_path / "nowhere", "train")
+        list_samples(tmp_path / "nowhere", "train")
     assert str(tmp_path / "nowhere") in str(err.value)
     with pytest.raises(UserError, match="no such directory"):
-        D.list_samples(cityscapes, "test")
+        list_samples(cityscapes, "test")
     (cityscapes / "leftImg8bit" / "test" / "aachen").mkdir(parents=True)
     with pytest.raises(UserError, match="has no images") as err:
-        D.list_samples(cityscapes, "test")
+        list_samples(cityscapes, "test")
     assert str(cityscapes / "leftImg8bit" / "test") in str(err.value)
     with pytest.raises(UserError, match="--label-resolution"):
-        D.SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="half")
+        SegmentationDataset(cityscapes, "val", PROFILE, train=False, label_resolution="half")
 
 
 def test_cpu_and_accelerator_colour_paths_agree():
     images = torch.randint(0, 256, (3, 3, 5, 9), dtype=torch.uint8)
     a, t = torch.randn(3, 3, 3) / 100, torch.randn(3, 3)
-    torch.testing.assert_close(D._affine_cpu(images, a, t), D._affine_bmm(images.float(), a, t))
-    torch.testing.assert_close(D._channel_means_cpu(images), images.float().mean(dim=(2, 3)) / 255)
+    torch.testing.assert_close(_affine_cpu(images, a, t), _affine_bmm(images.float(), a, t))
+    torch.testing.assert_close(_channel_means_cpu(images), images.float().mean(dim=(2, 3)) / 255)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prepare_batch_on_cuda_matches_cpu():
     images = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8).pin_memory()
     labels = torch.randint(0, 19, (2, 16, 24), dtype=torch.uint8).pin_memory()
-    cpu, cpu_labels = D.prepare_batch(images, labels, "cpu", train=False)
-    gpu, gpu_labels = D.prepare_batch(images, labels, "cuda", train=False, channels_last=True)
+    cpu, cpu_labels = prepare_batch(images, labels, "cpu", train=False)
+    gpu, gpu_labels = prepare_batch(images, labels, "cuda", train=False, channels_last=True)
     assert gpu.is_cuda and gpu.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(gpu.cpu(), cpu)
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     gen = torch.Generator(device="cuda")
-    first, _ = D.prepare_batch(images, labels, "cuda", train=True, generator=gen.manual_seed(5))
-    again, _ = D.prepare_batch(images, labels, "cuda", train=True, generator=gen.manual_seed(5))
+    first, _ = prepare_batch(images, labels, "cuda", train=True, generator=gen.manual_seed(5))
+    again, _ = prepare_batch(images, labels, "cuda", train=True, generator=gen.manual_seed(5))
     assert torch.equal(first, again) and not torch.allclose(first, gpu)
     mean, std = (
-        torch.tensor(D.MEAN, device="cuda").view(1, 3, 1, 1),
-        torch.tensor(D.STD, device="cuda").view(1, 3, 1, 1),
+        torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1),
+        torch.tensor(STD, device="cuda").view(1, 3, 1, 1),
     )
     back = first * std + mean
     assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5

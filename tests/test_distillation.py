@@ -11,8 +11,10 @@ from conftest import TINY_ARGS
 
 import train
 import train_distillation
+from fastseg.augment import prepare_batch
 from fastseg.checkpoint import load_model
-from fastseg.data import Profile, SegmentationDataset, build_loader, prepare_batch
+from fastseg.cityscapes import Profile
+from fastseg.data import SegmentationDataset, build_loader
 from fastseg.errors import UserError
 from fastseg.models import build_model
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, TINY_ARGS
 
-from fastseg.data import Profile, SegmentationDataset, build_loader, set_epoch
+import train
+from fastseg.cityscapes import Profile
+from fastseg.data import SegmentationDataset, build_loader
 from fastseg.distributed import env_dist_info
-from fastseg.engine import StepContext, evaluate, supervised_objective, train_one_epoch
-from fastseg.losses import SegmentationLoss
+from fastseg.engine import evaluate
 from fastseg.models import build_model
+from fastseg.stopping import REQUEUE_EXIT_CODE, StopFlag
+from fastseg.tracking import Progress
 
 TINY = Profile(1, (128, 64), (96, 48))
 
@@ -48,11 +54,10 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_loader = build_loader(SegmentationDataset(data, "train", TINY, train=True), 2, 0, shuffle=True, seed=0,
                                 distributed=True)
-    set_epoch(train_loader, 0)
-    ctx = StepContext(ddp, supervised_objective(SegmentationLoss()), optimizer,
-                      torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None, torch.device("cpu"),
-                      None, False, seed=0, rank=rank, world_size=world)
-    train_one_epoch(ctx, train_loader, epoch=0)
+    objective, _ = train.build_objective(None, torch.device("cpu"), model)
+    train.train_one_epoch(ddp, objective, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                          train_loader, torch.device("cpu"), 0, types.SimpleNamespace(check_every=2), StopFlag(),
+                          Progress(total=len(train_loader), enabled=False), world_size=world)
     # Parameters, not BatchNorm statistics: DDP re-broadcasts rank 0's buffers before every forward, so after
     # the last step each rank holds the statistics of its own last batch and rank 0's are the ones saved.
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -101,6 +106,55 @@ def test_train_py_under_torchrun_with_two_processes(synthetic_root, tmp_path, on
                                           shuffle=False, seed=0), torch.device("cpu"))
     # Rank 0 saved the weights; both ranks scored them (rank 0's BatchNorm statistics) and summed the counts.
     assert abs(single["miou"] - record["val_miou"]) < 1e-6
+
+
+def _signalled_rank(rank: int, world: int, port: int, argv: list[str], where: str, out: str) -> None:
+    """A rank of train.py in which only rank 1 gets SIGUSR1: at its 5th step, or during its validation."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    steps = []
+
+    def make_objective(args, device, model):
+        objective, extra = train.build_objective(args, device, model)
+
+        def counted(m, images, labels):
+            steps.append(len(steps) + 1)
+            if rank == 1 and where == "step" and len(steps) == 5:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return objective(m, images, labels)
+
+        return counted, extra
+
+    if rank == 1 and where == "validation":
+        real = train.evaluate
+
+        def signalled(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return real(*args, **kwargs)
+
+        train.evaluate = signalled
+    code = train.main(argv, make_objective=make_objective)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"code": code, "steps": len(steps)}, f)
+
+
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synthetic_root, tmp_path, one_thread, where):
+    # Slurm may signal one task only, or the tasks at different moments: a rank that stopped alone would
+    # leave the other waiting in the next collective until the time limit, and no requeue would happen.
+    argv = [*TINY_ARGS, "--batch-size", "2", "--data-dir", str(synthetic_root), "--output-dir", str(tmp_path),
+            "--experiment-id", "ddp", "--epochs", "3", "--previous-model-path", "none", "--check-every", "2"]
+    out = str(tmp_path / "result")
+    mp.spawn(_signalled_rank, args=(2, free_port(), argv, where, out), nprocs=2, join=True)
+    results = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
+    assert [r["code"] for r in results] == [REQUEUE_EXIT_CODE] * 2
+    assert results[0]["steps"] == results[1]["steps"]
+    # 16 images, 2 ranks x batch 2: 4 steps an epoch. Signalled at step 5, both stop at the check of step 6;
+    # signalled during epoch 1's validation, both stop before epoch 2.
+    assert results[0]["steps"] == {"step": 6, "validation": 4}[where]
+    last = torch.load(tmp_path / "ddp" / "profile-1" / "last.pth", weights_only=True)
+    assert last["epoch"] == 1
 
 
 def test_slurm_environment_is_read_for_srun_tasks():

@@ -16,7 +16,7 @@ from torch import nn
 
 import evaluate_efficiency
 from fastseg import efficiency as eff
-from fastseg.data import CLASS_NAMES, TRAIN_ID_TO_ID
+from fastseg.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import build_model

@@ -228,28 +228,28 @@ def test_wandb_log_failure_mid_run_disables_tracking_once(wandb_env, monkeypatch
 
 
 def test_prediction_panel_puts_image_label_and_prediction_side_by_side():
-    data = pytest.importorskip("fastseg.data")
+    cityscapes = pytest.importorskip("fastseg.cityscapes")
     rgb = np.random.default_rng(0).integers(0, 256, size=(8, 12, 3), dtype=np.uint8)
     label = np.zeros((8, 12), dtype=np.uint8)
     label[:, 6:] = 13
     label[0, 0] = 255
     pred = np.full((8, 12), 2, dtype=np.uint8)
-    mean = np.asarray(data.MEAN, dtype=np.float32)
-    std = np.asarray(data.STD, dtype=np.float32)
+    mean = np.asarray(cityscapes.MEAN, dtype=np.float32)
+    std = np.asarray(cityscapes.STD, dtype=np.float32)
     normalised = torch.from_numpy(((rgb / 255.0 - mean) / std).astype(np.float32)).permute(2, 0, 1)
 
     panel = prediction_panel(normalised, torch.from_numpy(label), torch.from_numpy(pred))
     assert panel.shape == (8, 36, 3) and panel.dtype == np.uint8
     assert np.abs(panel[:, :12].astype(int) - rgb).max() <= 1
-    assert np.array_equal(panel[:, 12:24], data.colorize(label))
-    assert np.array_equal(panel[:, 24:], data.colorize(pred))
+    assert np.array_equal(panel[:, 12:24], cityscapes.colorize(label))
+    assert np.array_equal(panel[:, 24:], cityscapes.colorize(pred))
     # a uint8 image is used as it is, and a tall label is scaled down
     tall = prediction_panel(torch.from_numpy(rgb).permute(2, 0, 1), label, pred, max_height=4)
     assert tall.shape == (4, 18, 3)
 
 
 def test_val_batch_hook_logs_fixed_images_with_the_next_log(wandb_env, monkeypatch):
-    pytest.importorskip("fastseg.data")
+    pytest.importorskip("fastseg.cityscapes")
     logged = []
 
     class _Run:
@@ -287,7 +287,7 @@ def test_val_batch_hook_logs_fixed_images_with_the_next_log(wandb_env, monkeypat
 
 
 def test_images_reach_an_offline_run(wandb_env):
-    pytest.importorskip("fastseg.data")
+    pytest.importorskip("fastseg.cityscapes")
     runs = wandb_env / "runs"
     tracker = Tracker(mode="offline", dir=runs)
     labels = torch.randint(0, 19, (2, 4, 6))

@@ -16,7 +16,8 @@ from conftest import ROOT, TINY_ARGS, TRAIN_IMAGES
 
 import train
 from fastseg.checkpoint import atomic_path, atomic_save, load_checkpoint, load_model
-from fastseg.data import PROFILES, SegmentationDataset
+from fastseg.cityscapes import PROFILES
+from fastseg.data import SegmentationDataset
 from fastseg.engine import NonFiniteLoss
 from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
