@@ -1,13 +1,15 @@
-"""Training throughput per curriculum profile: images/s of full training steps (forward, loss, backward, AdamW).
+"""Training throughput per curriculum profile: images/s of full training steps (forward, loss, backward, optimiser).
 
-Batches are random uint8 crops of each profile's patch size, put through the same ``prepare_batch`` (jitter,
-normalisation) and ``train_one_epoch`` as ``train.py``, so the figure is the model's pace without the loader
-(``benchmarks/bench_data.py`` measures the loader). On CUDA it uses AMP (bf16 where supported) and
-channels_last, as the trainer does.
+Batches are random uint8 crops of each profile's patch size, put through ``train.py``'s own
+``train_one_epoch`` (jitter, normalisation, AMP, the stop/NaN check every ``--check-every`` steps), so the
+figure is the model's pace without the loader (``benchmarks/bench_data.py`` measures the loader). On CUDA it
+uses AMP (bf16 where supported) and channels_last, as the trainer does. Under torchrun every process trains
+its own batches through DistributedDataParallel and the figure is the sum over processes.
 
     python -m benchmarks.bench_train                         # every profile, CPU or GPU
     python -m benchmarks.bench_train --profiles 1 2 --batch-size 8 --steps 10
     python -m benchmarks.bench_train --distill                # with a frozen teacher's forward, as train_distillation.py
+    torchrun --nproc-per-node 2 -m benchmarks.bench_train --profiles 1 --check-every 1   # agree every step
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import time
 
 import torch
 
+import train
+from fastseg import distributed
 from fastseg.cityscapes import PROFILES
-from fastseg.distributed import resolve_device
-from fastseg.engine import StepContext, supervised_objective, train_one_epoch
-from fastseg.losses import DistillationLoss, SegmentationLoss
+from fastseg.engine import resolve_amp
+from fastseg.losses import DistillationLoss
 from fastseg.models import build_model
-from fastseg.stage import build_optimizer, resolve_amp
+from fastseg.optim import build_optimizer
+from fastseg.stopping import StopFlag
+from fastseg.tracking import Progress
 
 
 def random_batches(n: int, batch_size: int, patch_hw: tuple[int, int], seed: int = 0):
@@ -33,14 +38,12 @@ def random_batches(n: int, batch_size: int, patch_hw: tuple[int, int], seed: int
     return [(images, labels, torch.arange(batch_size))] * n
 
 
-def measure(profile: int, args, device: torch.device) -> float:
+def measure(profile: int, args, device: torch.device, info) -> float:
     torch.manual_seed(0)
     model = build_model("fast_scnn").to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
+    if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    cfg = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9}
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(model, "adamw", 1e-3, 1e-4, 0.9)
     amp = resolve_amp("auto" if not args.fp32 else "off", device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     if args.distill:
@@ -52,18 +55,27 @@ def measure(profile: int, args, device: torch.device) -> float:
                 t = teacher(x)
             return criterion(m(x), t, y)
     else:
-        objective = supervised_objective(SegmentationLoss())
-    ctx = StepContext(model, objective, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                      scaler, device, amp, channels_last, seed=0)
+        objective, _ = train.build_objective(args, device, model)
+    trained = model
+    if info.distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     patch_hw = PROFILES[profile].patch_hw
-    train_one_epoch(ctx, random_batches(args.warmup, args.batch_size, patch_hw), epoch=0)
+
+    def epoch(steps: int) -> None:
+        batches = random_batches(steps, args.batch_size, patch_hw, seed=info.rank)
+        train.train_one_epoch(trained, objective, optimizer, scheduler, batches, device, 0, args, StopFlag(),
+                              Progress(total=steps, enabled=False), scaler, amp, info.world_size)
+
+    epoch(args.warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    train_one_epoch(ctx, random_batches(args.steps, args.batch_size, patch_hw), epoch=1)
+    epoch(args.steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - t0)
+    return args.steps * args.batch_size * info.world_size / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -75,17 +87,24 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--fp32", action="store_true", help="no AMP on CUDA")
     p.add_argument("--distill", action="store_true", help="add a frozen Fast-SCNN teacher's forward")
+    p.add_argument("--check-every", type=int, default=train.CHECK_EVERY,
+                   help="steps between the all-rank stop/NaN checks (1: a host sync every step)")
     args = p.parse_args()
-    device = resolve_device(args.device)
+    info = distributed.env_dist_info()
+    device = distributed.resolve_device(args.device, info.local_rank)
+    info = distributed.init_distributed(device, info)
+    say = print if info.is_main else (lambda *a, **k: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; batch {args.batch_size}; {args.steps} timed steps after {args.warmup} warm-up"
-          + ("; with a teacher" if args.distill else ""))
-    print("| profile | patch (WxH) | train images/s |")
-    print("|---|---|---|")
+    say(f"device: {name} x {info.world_size} processes; batch {args.batch_size} per process; {args.steps} timed "
+        f"steps after {args.warmup} warm-up; checks every {args.check_every} steps"
+        + ("; with a teacher" if args.distill else ""))
+    say("| profile | patch (WxH) | train images/s | ms per step |")
+    say("|---|---|---|---|")
     for k in args.profiles:
-        rate = measure(k, args, device)
+        rate = measure(k, args, device, info)
         w, h = PROFILES[k].patch
-        print(f"| {k} | {w}x{h} | {rate:.1f} |", flush=True)
+        say(f"| {k} | {w}x{h} | {rate:.1f} | {1000 * args.batch_size * info.world_size / rate:.1f} |", flush=True)
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

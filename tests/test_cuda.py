@@ -20,7 +20,7 @@ import train
 import train_distillation
 from fastseg.checkpoint import load_checkpoint
 from fastseg.models import build_model
-from fastseg.stage import REQUEUE_EXIT_CODE, run_stage
+from fastseg.stopping import REQUEUE_EXIT_CODE
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CASES = [
@@ -38,28 +38,41 @@ def _finite(recs: list[dict], *keys: str) -> bool:
 def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, device, amp, capsys):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    args = argv(synthetic_root, tmp_path, "--epochs", "2", "--previous-model-path", "none", "--amp", amp,
+    args = argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none", "--amp", amp,
                 "--device", device)
+    steps_per_epoch = 4
 
-    def stop_at_step_two(n, loss):
-        if n == 2:
+    def stop_in_epoch_two(n, loss):
+        if n == steps_per_epoch + 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         return loss
 
-    assert run_stage(train.parse_config(args), with_hook(stop_at_step_two)) == REQUEUE_EXIT_CODE
+    assert train.main(args, make_objective=with_hook(stop_in_epoch_two)) == REQUEUE_EXIT_CODE
     last = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
-    assert last["step"] == 2
+    assert last["epoch"] == 1
     # fp16 needs a GradScaler, and its state travels with last.pth; bf16 and fp32 have none.
     assert (last["scaler"] is not None) == (device == "cuda" and amp == "fp16")
-    assert all(v.device.type == "cpu" for v in last["model"].values())  # loadable without a GPU
     if device == "cpu":
         assert f"--amp {amp} needs a GPU" in capsys.readouterr().out
 
-    assert train.main(args) == 0
-    recs = records(tmp_path / "t" / "profile-1")
-    assert [r["epoch"] for r in recs] == [1, 2]
+    assert train.main(args) == 0  # resumes from last.pth
+    straight = tmp_path / "straight"
+    assert train.main(argv(synthetic_root, straight, *args[len(argv(synthetic_root, tmp_path)):])) == 0
+    recs, whole = records(tmp_path / "t" / "profile-1"), records(straight / "t" / "profile-1")
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
     assert _finite(recs, "train_loss", "val_loss", "val_miou")
+    # The schedule went on where it stopped: the same rates as the uninterrupted run, epoch by epoch.
+    assert [r["lr"] for r in recs] == [r["lr"] for r in whole]
     assert json.loads((tmp_path / "t" / "profile-1" / "config.json").read_text())["amp"] == amp
+    a = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
+    b = load_checkpoint(straight / "t" / "profile-1" / "last.pth")
+    if device == "cpu":  # bit for bit; cuDNN's autotuned kernels and atomics make GPU runs differ slightly
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    else:
+        assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), rtol=0.05, atol=0.05)
+                   for k in a["model"])
+    if amp == "fp16" and device == "cuda":  # the scaler's state was restored, not restarted at 65536
+        assert a["scaler"]["_growth_tracker"] == b["scaler"]["_growth_tracker"]
 
 
 @pytest.mark.parametrize("device, amp", CASES)

@@ -66,12 +66,13 @@ def test_student_learns_to_agree_with_the_teacher(teacher, synthetic_root, tmp_p
 
 
 def test_teacher_is_frozen_and_gets_no_gradient(teacher, synthetic_root, tmp_path):
-    cfg = train.parse_config(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher)),
-                             defaults_=train_distillation.defaults(),
-                             extend=train_distillation.add_distillation_flags)
+    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher)),
+                            train_distillation.constants(), extend=train_distillation.add_distillation_flags)
     student = build_model("fast_scnn")
-    objective = train_distillation.build_objective(cfg, torch.device("cpu"), student)
-    teacher_model = objective.teacher
+    objective, extra = train_distillation.build_objective(args, torch.device("cpu"), student)
+    assert extra["teacher"]["path"] == str(teacher)
+    teacher_model = next(c.cell_contents for c in objective.__closure__
+                         if isinstance(c.cell_contents, torch.nn.Module))
     before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     loader = build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0, shuffle=True, seed=0)
