@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import slurm_cluster as harness
+import torch
 from conftest import ROOT, TINY_ARGS
 from slurm_cluster import SlurmCluster, SlurmError, SlurmUnavailable, slurm_cluster
 
@@ -27,8 +29,9 @@ SBATCH_ARGS = ["--cpus-per-task=1"]
 # Two images per batch on four training images: two steps per epoch, a few seconds per stage.
 PYTHON_ARGS = [*TINY_ARGS, "--batch-size", "2"]
 JOB_TIMEOUT = 180
-# Epochs of the stages stopped by a signal: long enough for the signal to land during training.
-STOP_TEST_EPOCHS = 8
+# Epochs of the stages stopped by a signal: long enough for the signal to land after epoch 1 is saved
+# and before the last one ends.
+STOP_TEST_EPOCHS = 30
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +92,12 @@ def finished_ok(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
 
 
 def wait_for_training(cluster: SlurmCluster, job_id: str, log: Path) -> None:
-    """Until the first training step is logged: the trainer's signal handler is in place by then.
+    """Until epoch 1 is saved (its line is logged): a requeued run then has a last.pth to resume from.
 
-    Polled often: on an idle machine the whole tiny stage lasts about a second, and the signal sent next
-    must arrive before it ends (STOP_TEST_EPOCHS leaves room for that, yet stays short on a busy one).
+    Polled often: on an idle machine a tiny epoch lasts a fraction of a second, and the signal sent next
+    must arrive before the stage ends (STOP_TEST_EPOCHS leaves room for that, yet stays short).
     """
-    pattern = f"epoch 1/{STOP_TEST_EPOCHS} step 1/"
+    pattern = f"epoch 1/{STOP_TEST_EPOCHS}: train loss"
 
     def found() -> bool:
         if log.is_file() and pattern in log.read_text(errors="replace"):
@@ -161,7 +164,7 @@ def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
     # --open-mode=append keeps both runs in one log, in this order.
     expected = [
         "got SIGUSR1",
-        "stopped by SIGUSR1",
+        "stopped by SIGUSR1; last.pth holds the last finished epoch",
         f"requeueing job {job}",
         "(restart 1)",
         "resumed from",
@@ -175,7 +178,7 @@ def test_usr1_saves_last_requeues_and_resumes(cluster, data, tmp_path):
     assert load_checkpoint(stage / "last.pth", "last.pth")["epoch"] == STOP_TEST_EPOCHS
 
 
-def test_scancel_saves_last_and_the_job_stays_cancelled(cluster, data, tmp_path):
+def test_scancel_stops_and_the_job_stays_cancelled(cluster, data, tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "out"
     logs.mkdir()
     job = submit_stage(
@@ -189,7 +192,8 @@ def test_scancel_saves_last_and_the_job_stays_cancelled(cluster, data, tmp_path)
         lambda: not cluster.in_queue(job), JOB_TIMEOUT, "the job to end", lambda: cluster.describe(job)
     )
     info = cluster.job(job)
-    # The trainer saved its state, but a job the user cancelled is not brought back by a requeue.
+    # The trainer stopped cleanly (last.pth of the last epoch stays), but a job the user cancelled is not
+    # brought back by a requeue.
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", cluster.describe(job)
     assert "not requeueing after SIGTERM" in log_path.read_text()
     assert (out / "cancel" / "profile-1" / "last.pth").is_file()
@@ -422,3 +426,93 @@ def test_without_root_slurm_is_unavailable_rather_than_broken(monkeypatch):
     monkeypatch.setattr(harness, "missing_programs", lambda: [])
     with pytest.raises(SlurmUnavailable, match="as root"), slurm_cluster():
         pass
+
+
+# --------------------------------------------------------------------------- edited constants
+# The users' workflow: edit the constants at the top of the script, then run the wrapper or sbatch the job
+# script. The run must use the edited values; no wrapper may hold a copy that shadows them.
+
+
+def edited_project(tmp_path: Path, script: str, edits: dict[str, str]) -> Path:
+    """A copy of the project whose ``script`` has the constants in ``edits`` set as a user would, in place."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "data", "checkpoints", "results", "logs", "__pycache__", ".pytest_cache", "wandb"))
+    (project / ".venv").symlink_to(ROOT / ".venv")  # the job script's runtime: the project's .venv
+    text = (project / script).read_text()
+    for name, value in edits.items():
+        text, count = re.subn(rf"^{name} = .*$", f"{name} = {value}", text, count=1, flags=re.M)
+        assert count == 1, f"no constant {name} in {script}"
+    (project / script).write_text(text)
+    return project
+
+
+def plain_teacher(tmp_path: Path) -> Path:
+    """A users' plain Fast-SCNN state_dict: the cheapest teacher to distil from."""
+    from fastseg.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pth"
+    torch.save(build_model("fast_scnn").state_dict(), path)
+    return path
+
+
+def check_edited_run(out: Path, experiment: str, log: str, expected: dict) -> None:
+    """The stage ran at the edited profile for the edited values, and the log said where each setting came from."""
+    stage = out / experiment / f"profile-{expected['profile']}"
+    config = json.loads((stage / "config.json").read_text())
+    for key, value in expected.items():
+        assert config[key] == value, (key, config[key], log)
+    assert len(records(stage)) == config["epochs"]
+    assert not (out / experiment / "profile-1").exists()  # the wrapper's old default profile never ran
+    for key in expected:  # no flag changed them, and the log would have said so
+        assert f"setting: {key} =" not in log, log
+    assert "setting: data_dir = " in log and "(from the command line" in log
+
+
+TRAIN_EDITS = {"PROFILE": "2", "EPOCHS": "2"}
+STUDENT_EDITS = {"PROFILE": "2", "ALPHA": "0.25"}
+
+
+def test_edited_constants_of_train_py_reach_main_sh(tmp_path, data):
+    project = edited_project(tmp_path, "train.py", TRAIN_EDITS)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "main.sh", *PYTHON_ARGS, "--data-dir", str(data), "--output-dir", str(out),
+                           "--experiment-id", "edited", "--previous-model-path", "none"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_edited_run(out, "edited", done.stdout, {"profile": 2, "epochs": 2})
+
+
+def test_edited_constants_of_train_distillation_py_reach_main_distillation_sh(tmp_path, data):
+    project = edited_project(tmp_path, "train_distillation.py", STUDENT_EDITS)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "main_distillation.sh", *PYTHON_ARGS, "--data-dir", str(data), "--output-dir",
+                           str(out), "--epochs", "1", "--previous-student-model-path", "none",
+                           "--trained-teacher-model-path", str(plain_teacher(tmp_path))],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_edited_run(out, "fast_scnn_student", done.stdout,
+                     {"profile": 2, "alpha": 0.25})
+
+
+def test_edited_constants_reach_the_slurm_jobs(cluster, data, tmp_path):
+    # sbatch as users do: from the edited project, with no --profile; the job reads the edited files.
+    out = tmp_path / "out"
+    teacher = plain_teacher(tmp_path)
+    jobs = []
+    for script, edits, job_script, extra in (
+        ("train.py", TRAIN_EDITS, "jobscript_slurm.sh", ["--experiment-id", "edited"]),
+        ("train_distillation.py", STUDENT_EDITS, "jobscript_slurm_distillation.sh",
+         ["--epochs", "1", "--trained-teacher-model-path", str(teacher)]),
+    ):
+        project = edited_project(tmp_path / script, script, edits)
+        (project / "logs").mkdir()
+        jobs.append(cluster.sbatch([*SBATCH_ARGS, job_script, *PYTHON_ARGS, "--data-dir", str(data),
+                                    "--output-dir", str(out), "--previous-model-path", "none", *extra],
+                                   cwd=project))
+    train_log = Path(finished_ok(cluster, jobs[0])["StdOut"]).read_text()
+    check_edited_run(out, "edited", train_log, {"profile": 2, "epochs": 2})
+    student_log = Path(finished_ok(cluster, jobs[1])["StdOut"]).read_text()
+    check_edited_run(out, "fast_scnn_student", student_log,
+                     {"profile": 2, "alpha": 0.25})
