@@ -228,6 +228,9 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     objective, objective_config = make_objective(args, device, model)
 
     # Data.
+    if args.batch_size < 2:  # a clear line instead of BatchNorm's ValueError deep inside the first step
+        raise UserError("--batch-size 1: training needs at least 2 images per process (BatchNorm in Fast-SCNN's "
+                        "pyramid pooling sees one value per channel per image); use --batch-size 2 or more")
     train_set = SegmentationDataset(args.data_dir, "train", profile, train=True, cache_dir=args.cache_dir,
                                     scale_aug=args.scale_aug)
     val_set = SegmentationDataset(args.data_dir, "val", profile, train=False, cache_dir=args.cache_dir,

@@ -212,6 +212,7 @@ def test_weights_that_are_not_finite_are_never_saved(synthetic_root, tmp_path):
         (["--patch", "160x48"], "--patch"),
         (["--profile", "3", "--previous-model-path", "auto"], "train profile 2"),
         (["--device", "cuda"], "--device"),
+        (["--batch-size", "1"], "--batch-size 1: training needs at least 2"),
     ],
 )
 def test_bad_input_names_the_flag(synthetic_root, tmp_path, extra, message):
@@ -353,3 +354,20 @@ def test_stop_signal_is_taken_by_the_trainer_not_by_its_forked_workers():
     trainer.join(timeout=30)
     assert seen == [None, ("worker exit", 0), "SIGTERM"]
     assert trainer.exitcode == 0
+
+
+@pytest.mark.parametrize("arch", ["fast_scnn", "deeplabv3_mobilenet_v3_large"])
+def test_a_stage_loads_the_previous_one_with_or_without_auxiliary_heads(tmp_path, arch, capsys):
+    from fastseg.checkpoint import load_previous_stage
+    from fastseg.models import build_model
+
+    plain, with_aux = build_model(arch, aux=False), build_model(arch, aux=True)
+    for source, target in ((plain, build_model(arch, aux=True)), (with_aux, build_model(arch, aux=False))):
+        path = tmp_path / "previous.pth"
+        torch.save({"model": source.state_dict(), "config": {"arch": arch, "profile": 1}}, path)
+        fresh = {k: v.clone() for k, v in target.state_dict().items()}
+        load_previous_stage(target, path, arch, 2, "--previous-model-path")
+        loaded = target.state_dict()
+        for key, value in loaded.items():  # the shared layers come from the file, an added head stays fresh
+            expected = source.state_dict()[key] if key in source.state_dict() else fresh[key]
+            assert torch.equal(value, expected), key
