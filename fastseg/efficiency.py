@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from fastseg.checkpoint import atomic_path, atomic_write
+from fastseg.engine import evaluate, main_logits, upsample_logits
 from fastseg.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -151,15 +152,6 @@ def slug(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """The main logits whatever the wrapper returns (tensor, (main, aux) tuple or torchvision dict)."""
-    if isinstance(output, dict):
-        return output["out"]
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -230,19 +222,16 @@ def evaluate_accuracy(
     list, indexed by the loader's third item) is needed to name saved predictions; these are always
     written at the size of the original label file.
     """
-    from fastseg.engine import evaluate
-
     if (prediction_dir or overlay_dir) and samples is None:
         raise ValueError("samples are needed to name saved predictions")
 
     def save(indices, logits, _images, _labels) -> None:
         for row, index in enumerate(indices.tolist()):
             sample = samples[index]
+            # The official evaluation compares with the original label file, whatever size was scored here.
             full_size = _original_label_size(sample.label)
-            row_logits = logits[row : row + 1]
-            if tuple(row_logits.shape[-2:]) != full_size:
-                row_logits = F.interpolate(row_logits, size=full_size, mode="bilinear", align_corners=False)
-            train_ids = row_logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            train_ids = upsample_logits(logits[row : row + 1], full_size).argmax(1)[0]
+            train_ids = train_ids.to(torch.uint8).cpu().numpy()
             if prediction_dir is not None:
                 save_prediction(train_ids, Path(prediction_dir) / prediction_name(sample.name))
             if overlay_dir is not None:
@@ -586,7 +575,7 @@ class _LogitsOnly(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(x))
+        return main_logits(self.model(x))
 
 
 def onnx_latency(
