@@ -32,7 +32,7 @@ Predictions for the official evaluation (or a benchmark submission), plus colour
         --save-predictions results/pred --save-overlays results/overlays
     CITYSCAPES_DATASET=data/cityscapes CITYSCAPES_RESULTS=results/pred csEvalPixelLevelSemanticLabeling
 
-ONNX export, timed with onnxruntime when it is installed (``pip install onnx onnxruntime``)::
+ONNX export (needs ``pip install onnxscript``), timed with onnxruntime when it is installed::
 
     python evaluate_efficiency.py --current-model-path best.pth --skip-accuracy --export-onnx results/fast_scnn.onnx
 
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="PATH",
-        help="export the BN-folded fp32 model to ONNX and time it with onnxruntime if installed",
+        help="export the BN-folded fp32 model to ONNX (needs onnxscript) and time it with onnxruntime if installed",
     )
     p.add_argument("--runs", type=int, default=RUNS, help="timed passes per latency figure")
     p.add_argument("--warmup", type=int, default=WARMUP, help="untimed passes before timing")

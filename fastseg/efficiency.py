@@ -26,14 +26,12 @@ import os
 import platform
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -42,6 +40,9 @@ from fastseg.engine import evaluate, main_logits, upsample_logits
 from fastseg.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The lowest opset the torch.export-based ONNX exporter writes without converting its graph afterwards.
+ONNX_OPSET = 18
 
 # Keys every result carries in the JSON report (None where a part was skipped).
 RESULT_KEYS = (
@@ -489,82 +490,38 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def export_onnx(
-    model: nn.Module, input_hw: tuple[int, int], path: str | os.PathLike, opset: int = 17
-) -> Path:
+def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.PathLike) -> Path:
     """Export a BN-folded fp32 copy of ``model`` for a 1×3×H×W input; the file is replaced atomically.
 
-    The torch.export-based exporter is used when ``onnxscript`` is installed; otherwise the TorchScript
-    one, which needs nothing beyond torch.
+    The torch.export-based exporter (``dynamo=True``) is used: it exports Fast-SCNN's pyramid pooling at
+    every input size, whereas the older TorchScript exporter refuses adaptive pooling to bins that do not
+    divide the feature map (6 bins on the 9×18 map of profile 1). It needs ``onnxscript``.
     """
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            "--export-onnx: the ONNX exporter needs onnxscript, which is not installed; "
+            "`pip install onnxscript` (it is in requirements-dev.txt) or drop --export-onnx"
+        ) from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prepared, _ = prepare_for_speed(model, fold_bn=True, channels_last=False)
     prepared = prepared.float().cpu()
     example = torch.randn(1, 3, *input_hw)
     with atomic_path(path, suffix=".onnx") as tmp:
-        try:
-            import onnxscript  # noqa: F401
-
-            use_dynamo = True
-        except ImportError:
-            use_dynamo = False
-        with warnings.catch_warnings(), _exportable_adaptive_pooling(not use_dynamo):
-            # The TorchScript exporter announces its deprecation on every call.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _LogitsOnly(prepared),
-                (example,),
-                tmp,
-                input_names=["image"],
-                output_names=["logits"],
-                opset_version=opset,
-                dynamo=use_dynamo,
-                **({"external_data": False} if use_dynamo else {}),
-            )
+        torch.onnx.export(
+            _LogitsOnly(prepared).eval(),
+            (example,),
+            tmp,
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=False,  # one self-contained file: Fast-SCNN's weights are a few MB
+            verbose=False,
+        )
     return path
-
-
-def _averaging_matrix(size: int, bins: int) -> torch.Tensor:
-    """``bins × size`` matrix whose rows average the bins of adaptive average pooling along one axis."""
-    matrix = torch.zeros(bins, size)
-    for i in range(bins):
-        start = (i * size) // bins
-        end = -(-(i + 1) * size // bins)  # ceil division, as ATen computes the bin edges
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-@contextlib.contextmanager
-def _exportable_adaptive_pooling(active: bool = True):
-    """Within the block, ``F.adaptive_avg_pool2d`` to bins that do not divide the input becomes two
-    matrix products with constant averaging matrices, which the TorchScript ONNX exporter can express.
-
-    The input size is fixed at export, so the result is exact; Fast-SCNN's pyramid pooling (6×6 bins on
-    a 9×18 map at profile 1) needs it.
-    """
-    if not active:
-        yield
-        return
-    original = F.adaptive_avg_pool2d
-
-    def pooled(x: torch.Tensor, output_size: Any) -> torch.Tensor:
-        height, width = (int(v) for v in x.shape[-2:])
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
-        bins_h = height if output_size[0] is None else int(output_size[0])
-        bins_w = width if output_size[1] is None else int(output_size[1])
-        if height % bins_h == 0 and width % bins_w == 0:
-            return original(x, (bins_h, bins_w))
-        rows = _averaging_matrix(height, bins_h).to(x)
-        cols = _averaging_matrix(width, bins_w).to(x)
-        return torch.matmul(torch.matmul(rows, x), cols.t())
-
-    F.adaptive_avg_pool2d = pooled
-    try:
-        yield
-    finally:
-        F.adaptive_avg_pool2d = original
 
 
 class _LogitsOnly(nn.Module):
