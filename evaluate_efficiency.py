@@ -2,9 +2,9 @@
 
 For each checkpoint: mIoU, per-class IoU, Dice and pixel accuracy on Cityscapes val (one confusion matrix,
 scored at full label resolution by default); parameters, MACs and FLOPs (= 2 × MACs) at the profile's input
-size; latency at batch 1 (median and p90), throughput at a larger batch and peak memory, with BatchNorm
-folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The exact method is printed under the table and
-stored in the JSON.
+size; latency at batch 1 (median and p90), throughput at a larger batch and, on CUDA, peak memory, with
+BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The exact method is printed under the
+table and stored in the JSON.
 
 One checkpoint (the profile is read from the checkpoint)::
 
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="PATH",
-        help="export the BN-folded fp32 model to ONNX (needs onnxscript) and time it with onnxruntime if installed",
+        help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime if installed",
     )
     p.add_argument("--runs", type=int, default=RUNS, help="timed passes per latency figure")
     p.add_argument("--warmup", type=int, default=WARMUP, help="untimed passes before timing")
@@ -278,7 +278,6 @@ def evaluate_checkpoint(
         row.update({k: shown[k] for k in ("latency_ms", "latency_p90_ms", "fps", "peak_memory_mb")})
         row.update(
             dtype=args.dtype,
-            peak_memory_kind=shown["peak_memory_kind"],
             throughput_batch=shown["throughput_batch"],
             fps_batch1=shown["fps_batch1"],
             bn_folded=speed["bn_folded"],

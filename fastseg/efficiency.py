@@ -6,8 +6,8 @@ The pieces behind ``evaluate_efficiency.py``:
   :func:`checkpoint_label`, :func:`stage_label`);
 - accuracy over the val split from one confusion matrix, optionally saving the predictions as Cityscapes
   label-id PNGs that the official evaluation accepts (:func:`evaluate_accuracy`);
-- speed: latency at batch 1, throughput at a larger batch, peak memory, per dtype, on a copy of the model
-  prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`), and ONNX export with
+- speed: latency at batch 1, throughput at a larger batch, peak memory on CUDA, per dtype, on a copy of the
+  model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`), and ONNX export with
   onnxruntime latency (:func:`export_onnx`, :func:`onnx_latency`);
 - the report: Markdown table, JSON, plots (:func:`markdown_table`, :func:`write_json`,
   :func:`plot_per_class_iou`, :func:`plot_tradeoffs`).
@@ -17,7 +17,6 @@ MACs and parameters come from :mod:`fastseg.flops` (``torch.utils.flop_counter``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import glob
 import json
@@ -36,7 +35,7 @@ from PIL import Image
 from torch import nn
 
 from fastseg.checkpoint import atomic_path, atomic_write
-from fastseg.engine import evaluate, main_logits, upsample_logits
+from fastseg.engine import autocast_context, evaluate, main_logits, upsample_logits
 from fastseg.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -156,12 +155,6 @@ def slug(text: str) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
 def _atomic_save_image(image: Image.Image, path: Path) -> None:
@@ -314,48 +307,22 @@ def _timed_runs(fn: Callable[[], Any], runs: int, warmup: int, device: torch.dev
     return times
 
 
-def _read_proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-@contextlib.contextmanager
-def track_peak_memory(device: torch.device):
-    """Yield a dict that holds ``mb`` and ``kind`` once the block ends.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (weights + activations held by PyTorch's allocator).
-    CPU: how far the process's peak resident set (VmHWM) rose above its resident set at the start,
-    after resetting the peak through /proc/self/clear_refs; None where Linux does not allow that.
-    """
-    box: dict[str, Any] = {"mb": None, "kind": None}
+def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        yield box
-        _sync(device)
-        box["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        box["kind"] = "cuda_max_memory_allocated"
-        return
-    start_rss = _read_proc_status_kib("VmRSS")
-    reset = False
-    if start_rss is not None:
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            reset = True
-        except OSError:
-            reset = False
-    yield box
-    peak = _read_proc_status_kib("VmHWM") if reset else None
-    if peak is not None and start_rss is not None:
-        box["mb"] = max(peak - start_rss, 0) / 1024
-        box["kind"] = "cpu_peak_rss_increase"
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """CUDA: the most memory PyTorch's allocator held (weights + activations) since the last reset.
+
+    None on a CPU: the process's resident memory there mixes the model with everything else it holds
+    (data, the Python heap, freed pages kept by the allocator), so it would not be the model's figure.
+    """
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -375,7 +342,7 @@ def measure_speed(
     channels_last: bool = True,
 ) -> dict[str, Any]:
     """Latency at batch 1 (median, p90, mean, min over ``runs``), throughput at ``throughput_batch``
-    and the peak memory of batch-1 inference, for a model already prepared with :func:`prepare_for_speed`.
+    and (on CUDA) the peak memory of batch-1 inference, for a model already prepared with :func:`prepare_for_speed`.
     """
     if runs < 1 or warmup < 0 or throughput_batch < 1:
         raise ValueError("runs and throughput_batch must be positive, warmup non-negative")
@@ -390,18 +357,19 @@ def measure_speed(
 
     single = make_input(1)
 
+    amp_dtype = None if dtype == "fp32" else DTYPES[dtype]
+
     def forward(x: torch.Tensor) -> Any:
-        with torch.inference_mode(), _autocast(device, dtype):
+        with torch.inference_mode(), autocast_context(device, amp_dtype):
             return model(x)
 
-    def timed(x: torch.Tensor, n: int, n_warmup: int) -> tuple[list[float], dict[str, Any]]:
-        # On CUDA the peak is taken after warm-up, so cuDNN's autotuning workspaces do not count; on a CPU
-        # the warm-up stays inside, because memory freed by then may be reused without raising the peak.
-        before = n_warmup if device.type == "cuda" else 0
-        _timed_runs(lambda: forward(x), 0, before, device)
-        with track_peak_memory(device) as memory:
-            times = _timed_runs(lambda: forward(x), n, n_warmup - before, device)
-        return times, memory
+    def timed(x: torch.Tensor, n: int, n_warmup: int) -> tuple[list[float], float | None]:
+        for _ in range(n_warmup):
+            forward(x)
+        # The peak is taken after warm-up, so that cuDNN's autotuning workspaces do not count.
+        _reset_peak_memory(device)
+        times = _timed_runs(lambda: forward(x), n, 0, device)
+        return times, _peak_memory_mb(device)
 
     latencies, memory = timed(single, runs, warmup)
     throughput_runs = throughput_runs or max(5, runs // 5)
@@ -420,9 +388,8 @@ def measure_speed(
         "fps_batch1": 1e3 / _percentile(latencies, 50),
         "throughput_batch": throughput_batch,
         "throughput_runs": throughput_runs,
-        "peak_memory_mb": memory["mb"],
-        "peak_memory_kind": memory["kind"],
-        "peak_memory_mb_throughput": batch_memory["mb"],
+        "peak_memory_mb": memory,
+        "peak_memory_mb_throughput": batch_memory,
     }
 
 
@@ -624,10 +591,7 @@ def describe_method(
             memory = "torch.cuda.max_memory_allocated during batch-1 inference (weights + activations)"
         else:
             where = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-            memory = (
-                "rise of the process's peak resident memory (VmHWM) above its resident memory during "
-                "batch-1 inference (None where it cannot be read)"
-            )
+            memory = "not measured on a CPU"
         precision = ", ".join(f"{d} (autocast)" if d != "fp32" else d for d in dtypes)
         parts.append(
             f"Speed on {where}, torch {torch.__version__}: random input, torch.inference_mode, model with "

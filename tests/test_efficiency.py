@@ -358,5 +358,5 @@ def test_measure_speed_reports_every_figure():
     assert speed["bn_folded"] is False  # only Fast-SCNN is folded
     assert fp32["runs"] == 4 and fp32["throughput_batch"] == 3
     assert fp32["latency_p90_ms"] >= fp32["latency_ms"] >= fp32["latency_min_ms"] > 0
-    assert fp32["peak_memory_kind"] in ("cpu_peak_rss_increase", None)
+    assert fp32["peak_memory_mb"] is None  # measured on CUDA only
     assert model[1].training is False and isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
