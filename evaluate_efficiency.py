@@ -3,8 +3,8 @@
 For each checkpoint: mIoU, per-class IoU, Dice and pixel accuracy on Cityscapes val (one confusion matrix,
 scored at full label resolution by default); parameters, MACs and FLOPs (= 2 × MACs) at the profile's input
 size; latency at batch 1 (median and p90), throughput at a larger batch and, on CUDA, peak memory, with
-BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The exact method is printed under the
-table and stored in the JSON.
+BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The JSON also stores the settings of the
+run (device, threads, torch version, timed passes).
 
 One checkpoint (the profile is read from the checkpoint)::
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,24 @@ def check_checkpoints(paths: list[Path], args: argparse.Namespace) -> None:
         resolve_profile(args, model_config(load_checkpoint(path, flag="--current-model-path")), path)
 
 
+def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where and how the figures were taken, for the JSON (each row also holds its dtype and BN folding)."""
+    cuda = device.type == "cuda"
+    cpu_name = platform.processor() or platform.machine()
+    return {
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "throughput_batch": args.throughput_batch,
+        "dtypes": eff.speed_dtypes(device, args.dtype),
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "label_resolution": args.label_resolution,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -333,25 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = eff.checkpoint_labels(paths)
     results = [evaluate_checkpoint(path, label, args, device, several) for path, label in zip(paths, labels)]
 
-    method = eff.describe_method(
-        device=device,
-        runs=args.runs,
-        warmup=args.warmup,
-        throughput_batch=args.throughput_batch,
-        dtypes=eff.speed_dtypes(device, args.dtype),
-        primary_dtype=args.dtype,
-        channels_last=args.channels_last,
-        compile_model=args.compile,
-        label_resolution=args.label_resolution,
-        skip_speed=args.skip_speed,
-        skip_accuracy=args.skip_accuracy,
-    )
     print(eff.markdown_table(results))
-    print()
-    print(method)
 
     if args.output is not None:
-        eff.write_json(args.output, results, method)
+        eff.write_json(args.output, results, run_settings(args, device))
         print(f"wrote {args.output}", file=sys.stderr)
     if args.plots is not None:
         from fastseg.data import CLASS_NAMES

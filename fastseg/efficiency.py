@@ -22,7 +22,6 @@ import glob
 import json
 import math
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -554,57 +553,6 @@ def efficiency_scores(row: dict[str, Any]) -> dict[str, float | None]:
     return scores
 
 
-def describe_method(
-    *,
-    device: torch.device,
-    runs: int,
-    warmup: int,
-    throughput_batch: int,
-    dtypes: Sequence[str],
-    primary_dtype: str,
-    channels_last: bool,
-    compile_model: bool,
-    label_resolution: str,
-    skip_speed: bool = False,
-    skip_accuracy: bool = False,
-) -> str:
-    """One paragraph that says exactly how every number in the report was obtained."""
-    parts = []
-    if skip_accuracy:
-        parts.append("Accuracy: skipped.")
-    else:
-        where = "the full label resolution" if label_resolution == "full" else "the profile's input size"
-        parts.append(
-            "Accuracy: one confusion matrix over the val split, logits upsampled (bilinear) to "
-            f"{where}; mIoU is the mean over classes with a non-empty union; Dice is dataset-level "
-            "(2·TP / (2·TP + FP + FN) per class, averaged like mIoU); fractions 0–1."
-        )
-    parts.append(
-        "Cost: parameters; MACs counted with torch.utils.flop_counter for one 3×H×W image at the "
-        "profile's input size; FLOPs = 2 × MACs; Dice/GFLOP and mIoU/GFLOP divide by GFLOPs."
-    )
-    if skip_speed:
-        parts.append("Speed: skipped.")
-    else:
-        if device.type == "cuda":
-            where = f"{torch.cuda.get_device_name(device)}, torch.cuda.synchronize before and after each pass"
-            memory = "torch.cuda.max_memory_allocated during batch-1 inference (weights + activations)"
-        else:
-            where = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-            memory = "not measured on a CPU"
-        precision = ", ".join(f"{d} (autocast)" if d != "fp32" else d for d in dtypes)
-        parts.append(
-            f"Speed on {where}, torch {torch.__version__}: random input, torch.inference_mode, model with "
-            f"BatchNorm folded into the convolutions where the model is Fast-SCNN (bn_folded in each row), "
-            f"{'channels_last' if channels_last else 'contiguous'} memory format, "
-            f"torch.compile {'on' if compile_model else 'off'}; latency = median and p90 of {runs} timed "
-            f"passes at batch 1 after {warmup} warm-up passes; FPS = images/s at batch {throughput_batch} "
-            f"(median pass time); peak memory = {memory}; precisions measured: {precision}; the table "
-            f"shows {primary_dtype}."
-        )
-    return " ".join(parts)
-
-
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -666,9 +614,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], method: str, **extra: Any) -> Path:
-    """``{"results": [...], "method": ...}`` written atomically; NaN becomes null so any reader parses it."""
-    payload = {"results": list(results), "method": method, **extra}
+def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Path:
+    """``{"results": [...], "settings": {...}}`` written atomically; NaN becomes null so any reader parses it."""
+    payload = {"results": list(results), "settings": settings}
     text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
     path = Path(path)
     atomic_write(path, lambda f: f.write(text.encode()))
