@@ -3,7 +3,7 @@
 The pieces behind ``evaluate_efficiency.py``:
 
 - finding checkpoints (paths and globs) and naming them in a report (:func:`expand_checkpoint_paths`,
-  :func:`checkpoint_label`, :func:`stage_label`);
+  :func:`checkpoint_labels`, :func:`stage_label`);
 - accuracy over the val split from one confusion matrix, optionally saving the predictions as Cityscapes
   label-id PNGs that the official evaluation accepts (:func:`evaluate_accuracy`);
 - speed: latency at batch 1, throughput at a larger batch, peak memory on CUDA, per dtype, on a copy of the
@@ -98,32 +98,15 @@ def expand_checkpoint_paths(patterns: Iterable[str], flag: str = "--current-mode
     return list(unique.values())
 
 
-def checkpoint_label(path: str | os.PathLike, parts: int | None = None) -> str:
-    """A short name for a report row: ``<experiment>/profile-<k>/best.pth`` for a trainer's checkpoint,
-    the file name otherwise, or the last ``parts`` path components when given."""
-    path = Path(path)
-    if parts is None:
-        parts = 3 if path.parent.name.startswith("profile-") else 1
-    return "/".join(path.parts[-parts:])
-
-
 def checkpoint_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """:func:`checkpoint_label` of each path, lengthened where two would read the same."""
-    labels = [checkpoint_label(p) for p in paths]
-    depth = [len(label.split("/")) for label in labels]
-    while len(set(labels)) < len(labels):
-        seen: dict[str, int] = {}
-        for label in labels:
-            seen[label] = seen.get(label, 0) + 1
-        grown = False
-        for i, path in enumerate(paths):
-            if seen[labels[i]] > 1 and depth[i] < len(Path(path).parts):
-                depth[i] += 1
-                labels[i] = checkpoint_label(path, depth[i])
-                grown = True
-        if not grown:
-            break
-    return labels
+    """Each path relative to the deepest folder that holds them all: distinct, as short as that allows.
+
+    ``checkpoints/*/profile-*/best.pth`` reads ``<experiment>/profile-<k>/best.pth``; one checkpoint reads
+    as its file name.
+    """
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    common = os.path.commonpath([p.parent for p in absolute])
+    return [p.relative_to(common).as_posix() for p in absolute]
 
 
 def is_distilled(config: dict[str, Any]) -> bool:

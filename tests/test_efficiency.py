@@ -328,14 +328,15 @@ def test_checkpoint_paths_expand_globs_in_order_without_repeats(tmp_path):
     paths = eff.expand_checkpoint_paths(
         [str(tmp_path / "b/profile-2/best.pth"), str(tmp_path / "**/best.pth")]
     )
-    labels = [eff.checkpoint_label(p) for p in paths]
+    labels = eff.checkpoint_labels(paths)
     assert labels == ["b/profile-2/best.pth", "a/profile-1/best.pth", "b/profile-1/best.pth"]
-    # Files outside a trainer's tree go by their name, lengthened only where two would read the same.
+    # Labels are the paths relative to the folder that holds them all, so two never read the same.
     assert eff.checkpoint_labels(["/m/x/fast.pth", "/m/y/fast.pth", "/m/y/other.pth"]) == [
         "x/fast.pth",
         "y/fast.pth",
-        "other.pth",
+        "y/other.pth",
     ]
+    assert eff.checkpoint_labels(["/m/x/../y/fast.pth"]) == ["fast.pth"]
 
 
 def test_report_files_survive_missing_values(tmp_path):
