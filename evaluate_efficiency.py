@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from fastseg import efficiency as eff
+from fastseg import measure, report
 from fastseg.distributed import resolve_device
 from fastseg.errors import UserError, run_cli
 
@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(eff.DTYPES),
+        choices=tuple(measure.DTYPES),
         default="fp32",
         help="precision shown in the table; on CUDA all of fp32/fp16/bf16 are measured and stored",
     )
@@ -191,7 +191,7 @@ def accuracy(model, args, profile, device, prediction_dir, overlay_dir) -> dict[
         label_resolution=args.label_resolution,
     )
     loader = build_loader(dataset, args.batch_size, args.num_workers, shuffle=False, seed=0, drop_last=False)
-    return eff.evaluate_accuracy(
+    return measure.evaluate_accuracy(
         model,
         loader,
         device,
@@ -219,8 +219,8 @@ def _per_checkpoint(path: Path | None, several: bool, label: str, suffix: str = 
     if path is None or not several:
         return path
     if suffix:
-        return path.with_name(f"{path.stem}_{eff.slug(label)}{suffix}")
-    return path / eff.slug(label)
+        return path.with_name(f"{path.stem}_{report.slug(label)}{suffix}")
+    return path / report.slug(label)
 
 
 def evaluate_checkpoint(
@@ -232,7 +232,7 @@ def evaluate_checkpoint(
     model, config = load_model(path, device, flag="--current-model-path")
     profile = resolve_profile(args, config, path)
     input_hw = tuple(profile.resize_hw)
-    row: dict[str, Any] = dict.fromkeys(eff.RESULT_KEYS)
+    row: dict[str, Any] = dict.fromkeys(report.RESULT_KEYS)
     row.update(
         checkpoint=label,
         path=str(path),
@@ -240,12 +240,12 @@ def evaluate_checkpoint(
         input_size=list(input_hw),
         arch=config.get("arch", "fast_scnn"),
         experiment_id=config.get("experiment_id"),
-        distilled=eff.is_distilled(config),
-        stage=eff.stage_label(config, profile.index),
+        distilled=report.is_distilled(config),
+        stage=report.stage_label(config, profile.index),
         device=str(device),
         label_resolution=None if args.skip_accuracy else args.label_resolution,
     )
-    row.update(eff.cost_fields(count_params(model), count_macs(model, input_hw)))
+    row.update(measure.cost_fields(count_params(model), count_macs(model, input_hw)))
 
     if not args.skip_accuracy:
         print(f"{label}: accuracy on val at profile {profile.index}", file=sys.stderr, flush=True)
@@ -264,11 +264,11 @@ def evaluate_checkpoint(
         print(
             f"{label}: timing at {input_hw[0]}×{input_hw[1]} (H×W) on {device}", file=sys.stderr, flush=True
         )
-        speed = eff.benchmark_speed(
+        speed = measure.benchmark_speed(
             model,
             input_hw,
             device,
-            dtypes=eff.speed_dtypes(device, args.dtype),
+            dtypes=measure.speed_dtypes(device, args.dtype),
             runs=args.runs,
             warmup=args.warmup,
             throughput_batch=args.throughput_batch,
@@ -286,14 +286,14 @@ def evaluate_checkpoint(
         )
 
     if args.export_onnx is not None:
-        onnx_path = eff.export_onnx(
+        onnx_path = measure.export_onnx(
             model, input_hw, _per_checkpoint(args.export_onnx, several, label, ".onnx")
         )
         print(f"{label}: exported {onnx_path}", file=sys.stderr, flush=True)
         row["onnx_path"] = str(onnx_path)
-        if eff.onnxruntime_available():
+        if measure.onnxruntime_available():
             row.update(
-                eff.onnx_latency(
+                measure.onnx_latency(
                     onnx_path, input_hw, runs=args.runs, warmup=args.warmup, use_cuda=device.type == "cuda"
                 )
             )
@@ -305,7 +305,7 @@ def evaluate_checkpoint(
                 flush=True,
             )
 
-    row.update(eff.efficiency_scores(row))
+    row.update(measure.efficiency_scores(row))
     del model
     return row
 
@@ -330,7 +330,7 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, An
         "runs": args.runs,
         "warmup": args.warmup,
         "throughput_batch": args.throughput_batch,
-        "dtypes": eff.speed_dtypes(device, args.dtype),
+        "dtypes": measure.speed_dtypes(device, args.dtype),
         "channels_last": args.channels_last,
         "compile": args.compile,
         "label_resolution": args.label_resolution,
@@ -345,17 +345,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     if args.throughput_batch is None:
         args.throughput_batch = THROUGHPUT_BATCH_CUDA if device.type == "cuda" else THROUGHPUT_BATCH_CPU
-    paths = eff.expand_checkpoint_paths(args.current_model_path)
+    paths = report.expand_checkpoint_paths(args.current_model_path)
     several = len(paths) > 1
 
     check_checkpoints(paths, args)
-    labels = eff.checkpoint_labels(paths)
+    labels = report.checkpoint_labels(paths)
     results = [evaluate_checkpoint(path, label, args, device, several) for path, label in zip(paths, labels)]
 
-    print(eff.markdown_table(results))
+    print(report.markdown_table(results))
 
     if args.output is not None:
-        eff.write_json(args.output, results, run_settings(args, device))
+        report.write_json(args.output, results, run_settings(args, device))
         print(f"wrote {args.output}", file=sys.stderr)
     if args.plots is not None:
         from fastseg.data import CLASS_NAMES
@@ -363,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         written = []
         for row in results:
             if row.get("per_class_iou"):
-                name = f"per_class_iou_{eff.slug(row['checkpoint'])}.png"
-                written.append(eff.plot_per_class_iou(row, args.plots / name, CLASS_NAMES))
+                name = f"per_class_iou_{report.slug(row['checkpoint'])}.png"
+                written.append(report.plot_per_class_iou(row, args.plots / name, CLASS_NAMES))
         if several:
-            written += eff.plot_tradeoffs(results, args.plots)
+            written += report.plot_tradeoffs(results, args.plots)
         print(f"wrote {len(written)} plot(s) to {args.plots}", file=sys.stderr)
     return 0
 

@@ -16,11 +16,12 @@ from PIL import Image
 from torch import nn
 
 import evaluate_efficiency
-from fastseg import efficiency as eff
+from fastseg import measure
 from fastseg.data import CLASS_NAMES, TRAIN_ID_TO_ID
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import build_model
+from fastseg.report import RESULT_KEYS, checkpoint_labels, expand_checkpoint_paths, markdown_table, write_json
 
 # The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
 TINY_RESIZE = [128, 64]
@@ -162,7 +163,7 @@ def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, cap
     assert [r["stage"] for r in rows] == ["teacher p1", "student p1"]
     reference = build_model("fast_scnn").eval()
     for row in rows:
-        assert set(eff.RESULT_KEYS) <= set(row)
+        assert set(RESULT_KEYS) <= set(row)
         assert row["input_size"] == [64, 128] and row["device"] == "cpu" and row["dtype"] == "fp32"
         assert row["macs"] == count_macs(reference, (64, 128)) and row["flops"] == 2 * row["macs"]
         assert row["params"] == count_params(reference)
@@ -234,7 +235,7 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
 def test_onnx_export_without_onnxscript_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
     with pytest.raises(UserError, match="--export-onnx: .*pip install onnxscript"):
-        eff.export_onnx(_fast_scnn(0), (64, 128), tmp_path / "model.onnx")
+        measure.export_onnx(_fast_scnn(0), (64, 128), tmp_path / "model.onnx")
     assert not list(tmp_path.iterdir())
 
 
@@ -307,7 +308,7 @@ def test_accuracy_on_a_hand_checked_case(tmp_path):
     sample = SimpleNamespace(name="aachen_000000_000019", label=label_file, image=image_file)
     batch = (torch.zeros(1, 3, 2, 4, dtype=torch.uint8), torch.from_numpy(label)[None], torch.tensor([0]))
 
-    scores = eff.evaluate_accuracy(
+    scores = measure.evaluate_accuracy(
         _HalvesModel(), [batch], torch.device("cpu"), samples=[sample], prediction_dir=tmp_path / "pred"
     )
     assert scores["miou"] == pytest.approx((4 / 5 + 2 / 3) / 2)
@@ -325,29 +326,29 @@ def test_checkpoint_paths_expand_globs_in_order_without_repeats(tmp_path):
     for name in ("b/profile-2/best.pth", "b/profile-1/best.pth", "a/profile-1/best.pth"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    paths = eff.expand_checkpoint_paths(
+    paths = expand_checkpoint_paths(
         [str(tmp_path / "b/profile-2/best.pth"), str(tmp_path / "**/best.pth")]
     )
-    labels = eff.checkpoint_labels(paths)
+    labels = checkpoint_labels(paths)
     assert labels == ["b/profile-2/best.pth", "a/profile-1/best.pth", "b/profile-1/best.pth"]
     # Labels are the paths relative to the folder that holds them all, so two never read the same.
-    assert eff.checkpoint_labels(["/m/x/fast.pth", "/m/y/fast.pth", "/m/y/other.pth"]) == [
+    assert checkpoint_labels(["/m/x/fast.pth", "/m/y/fast.pth", "/m/y/other.pth"]) == [
         "x/fast.pth",
         "y/fast.pth",
         "y/other.pth",
     ]
-    assert eff.checkpoint_labels(["/m/x/../y/fast.pth"]) == ["fast.pth"]
+    assert checkpoint_labels(["/m/x/../y/fast.pth"]) == ["fast.pth"]
 
 
 def test_report_files_survive_missing_values(tmp_path):
-    row = dict.fromkeys(eff.RESULT_KEYS)
+    row = dict.fromkeys(RESULT_KEYS)
     row.update(checkpoint="x/profile-3/last.pth", profile=3, input_size=[512, 1024], miou=float("nan"))
-    row.update(eff.cost_fields(1_000_000, 2_000_000_000))
-    row.update(eff.efficiency_scores({**row, "miou": 0.5}))
+    row.update(measure.cost_fields(1_000_000, 2_000_000_000))
+    row.update(measure.efficiency_scores({**row, "miou": 0.5}))
     assert row["miou_per_gflop"] == pytest.approx(0.5 / 4.0) and row["dice_per_gflop"] is None
-    table = eff.markdown_table([row])
+    table = markdown_table([row])
     assert "| x/profile-3/last.pth | 3 | 512×1024 | – | – | 1.000 | 2.000 |" in table
-    path = eff.write_json(tmp_path / "out" / "r.json", [row], {"runs": 50})
+    path = write_json(tmp_path / "out" / "r.json", [row], {"runs": 50})
     loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
     assert loaded["results"][0]["miou"] is None and loaded["settings"] == {"runs": 50}
     assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left behind
@@ -355,7 +356,8 @@ def test_report_files_survive_missing_values(tmp_path):
 
 def test_measure_speed_reports_every_figure():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
-    speed = eff.benchmark_speed(model, (16, 32), torch.device("cpu"), runs=4, warmup=1, throughput_batch=3)
+    cpu = torch.device("cpu")
+    speed = measure.benchmark_speed(model, (16, 32), cpu, runs=4, warmup=1, throughput_batch=3)
     fp32 = speed["by_dtype"]["fp32"]
     assert speed["bn_folded"] is False  # only Fast-SCNN is folded
     assert fp32["runs"] == 4 and fp32["throughput_batch"] == 3
