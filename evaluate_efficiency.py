@@ -2,9 +2,9 @@
 
 For each checkpoint: mIoU, per-class IoU, Dice and pixel accuracy on Cityscapes val (one confusion matrix,
 scored at full label resolution by default); parameters, MACs and FLOPs (= 2 × MACs) at the profile's input
-size; latency at batch 1 (median and p90), throughput at a larger batch and peak memory, with BatchNorm
-folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The exact method is printed under the table and
-stored in the JSON.
+size; latency at batch 1 (median and p90), throughput at a larger batch and, on CUDA, peak memory, with
+BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The JSON also stores the settings of the
+run (device, threads, torch version, timed passes).
 
 One checkpoint (the profile is read from the checkpoint)::
 
@@ -32,7 +32,7 @@ Predictions for the official evaluation (or a benchmark submission), plus colour
         --save-predictions results/pred --save-overlays results/overlays
     CITYSCAPES_DATASET=data/cityscapes CITYSCAPES_RESULTS=results/pred csEvalPixelLevelSemanticLabeling
 
-ONNX export, timed with onnxruntime when it is installed (``pip install onnx onnxruntime``)::
+ONNX export (needs ``pip install onnxscript``), timed with onnxruntime when it is installed::
 
     python evaluate_efficiency.py --current-model-path best.pth --skip-accuracy --export-onnx results/fast_scnn.onnx
 
@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastseg import efficiency as eff
+from fastseg import measure, report
 from fastseg.distributed import resolve_device
 from fastseg.errors import UserError, run_cli
 
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="PATH",
-        help="export the BN-folded fp32 model to ONNX and time it with onnxruntime if installed",
+        help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime if installed",
     )
     p.add_argument("--runs", type=int, default=RUNS, help="timed passes per latency figure")
     p.add_argument("--warmup", type=int, default=WARMUP, help="untimed passes before timing")
@@ -130,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(eff.DTYPES),
+        choices=tuple(measure.DTYPES),
         default="fp32",
         help="precision shown in the table; on CUDA all of fp32/fp16/bf16 are measured and stored",
     )
@@ -191,7 +192,7 @@ def accuracy(model, args, profile, device, prediction_dir, overlay_dir) -> dict[
         label_resolution=args.label_resolution,
     )
     loader = build_loader(dataset, args.batch_size, args.num_workers, shuffle=False, seed=0, drop_last=False)
-    return eff.evaluate_accuracy(
+    return measure.evaluate_accuracy(
         model,
         loader,
         device,
@@ -219,8 +220,8 @@ def _per_checkpoint(path: Path | None, several: bool, label: str, suffix: str = 
     if path is None or not several:
         return path
     if suffix:
-        return path.with_name(f"{path.stem}_{eff.slug(label)}{suffix}")
-    return path / eff.slug(label)
+        return path.with_name(f"{path.stem}_{report.slug(label)}{suffix}")
+    return path / report.slug(label)
 
 
 def evaluate_checkpoint(
@@ -232,7 +233,7 @@ def evaluate_checkpoint(
     model, config = load_model(path, device, flag="--current-model-path")
     profile = resolve_profile(args, config, path)
     input_hw = tuple(profile.resize_hw)
-    row: dict[str, Any] = dict.fromkeys(eff.RESULT_KEYS)
+    row: dict[str, Any] = dict.fromkeys(report.RESULT_KEYS)
     row.update(
         checkpoint=label,
         path=str(path),
@@ -240,12 +241,12 @@ def evaluate_checkpoint(
         input_size=list(input_hw),
         arch=config.get("arch", "fast_scnn"),
         experiment_id=config.get("experiment_id"),
-        distilled=eff.is_distilled(config),
-        stage=eff.stage_label(config, profile.index),
+        distilled=report.is_distilled(config),
+        stage=report.stage_label(config, profile.index),
         device=str(device),
         label_resolution=None if args.skip_accuracy else args.label_resolution,
     )
-    row.update(eff.cost_fields(count_params(model), count_macs(model, input_hw)))
+    row.update(measure.cost_fields(count_params(model), count_macs(model, input_hw)))
 
     if not args.skip_accuracy:
         print(f"{label}: accuracy on val at profile {profile.index}", file=sys.stderr, flush=True)
@@ -264,11 +265,11 @@ def evaluate_checkpoint(
         print(
             f"{label}: timing at {input_hw[0]}×{input_hw[1]} (H×W) on {device}", file=sys.stderr, flush=True
         )
-        speed = eff.benchmark_speed(
+        speed = measure.benchmark_speed(
             model,
             input_hw,
             device,
-            dtypes=eff.speed_dtypes(device, args.dtype),
+            dtypes=measure.speed_dtypes(device, args.dtype),
             runs=args.runs,
             warmup=args.warmup,
             throughput_batch=args.throughput_batch,
@@ -279,7 +280,6 @@ def evaluate_checkpoint(
         row.update({k: shown[k] for k in ("latency_ms", "latency_p90_ms", "fps", "peak_memory_mb")})
         row.update(
             dtype=args.dtype,
-            peak_memory_kind=shown["peak_memory_kind"],
             throughput_batch=shown["throughput_batch"],
             fps_batch1=shown["fps_batch1"],
             bn_folded=speed["bn_folded"],
@@ -287,14 +287,14 @@ def evaluate_checkpoint(
         )
 
     if args.export_onnx is not None:
-        onnx_path = eff.export_onnx(
+        onnx_path = measure.export_onnx(
             model, input_hw, _per_checkpoint(args.export_onnx, several, label, ".onnx")
         )
         print(f"{label}: exported {onnx_path}", file=sys.stderr, flush=True)
         row["onnx_path"] = str(onnx_path)
-        if eff.onnxruntime_available():
+        if measure.onnxruntime_available():
             row.update(
-                eff.onnx_latency(
+                measure.onnx_latency(
                     onnx_path, input_hw, runs=args.runs, warmup=args.warmup, use_cuda=device.type == "cuda"
                 )
             )
@@ -306,7 +306,7 @@ def evaluate_checkpoint(
                 flush=True,
             )
 
-    row.update(eff.efficiency_scores(row))
+    row.update(measure.efficiency_scores(row))
     del model
     return row
 
@@ -320,6 +320,24 @@ def check_checkpoints(paths: list[Path], args: argparse.Namespace) -> None:
         resolve_profile(args, model_config(load_checkpoint(path, flag="--current-model-path")), path)
 
 
+def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where and how the figures were taken, for the JSON (each row also holds its dtype and BN folding)."""
+    cuda = device.type == "cuda"
+    cpu_name = platform.processor() or platform.machine()
+    return {
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "throughput_batch": args.throughput_batch,
+        "dtypes": measure.speed_dtypes(device, args.dtype),
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "label_resolution": args.label_resolution,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -328,32 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     if args.throughput_batch is None:
         args.throughput_batch = THROUGHPUT_BATCH_CUDA if device.type == "cuda" else THROUGHPUT_BATCH_CPU
-    paths = eff.expand_checkpoint_paths(args.current_model_path)
+    paths = report.expand_checkpoint_paths(args.current_model_path)
     several = len(paths) > 1
 
     check_checkpoints(paths, args)
-    labels = eff.checkpoint_labels(paths)
+    labels = report.checkpoint_labels(paths)
     results = [evaluate_checkpoint(path, label, args, device, several) for path, label in zip(paths, labels)]
 
-    method = eff.describe_method(
-        device=device,
-        runs=args.runs,
-        warmup=args.warmup,
-        throughput_batch=args.throughput_batch,
-        dtypes=eff.speed_dtypes(device, args.dtype),
-        primary_dtype=args.dtype,
-        channels_last=args.channels_last,
-        compile_model=args.compile,
-        label_resolution=args.label_resolution,
-        skip_speed=args.skip_speed,
-        skip_accuracy=args.skip_accuracy,
-    )
-    print(eff.markdown_table(results))
-    print()
-    print(method)
+    print(report.markdown_table(results))
 
     if args.output is not None:
-        eff.write_json(args.output, results, method)
+        report.write_json(args.output, results, run_settings(args, device))
         print(f"wrote {args.output}", file=sys.stderr)
     if args.plots is not None:
         from fastseg.cityscapes import CLASS_NAMES
@@ -361,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         written = []
         for row in results:
             if row.get("per_class_iou"):
-                name = f"per_class_iou_{eff.slug(row['checkpoint'])}.png"
-                written.append(eff.plot_per_class_iou(row, args.plots / name, CLASS_NAMES))
+                name = f"per_class_iou_{report.slug(row['checkpoint'])}.png"
+                written.append(report.plot_per_class_iou(row, args.plots / name, CLASS_NAMES))
         if several:
-            written += eff.plot_tradeoffs(results, args.plots)
+            written += report.plot_tradeoffs(results, args.plots)
         print(f"wrote {len(written)} plot(s) to {args.plots}", file=sys.stderr)
     return 0
 

@@ -7,7 +7,7 @@ scores checkpoints with the very same pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,6 @@ from fastseg.augment import prepare_batch
 from fastseg.cityscapes import IGNORE_INDEX, NUM_CLASSES
 from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
-
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class NonFiniteLoss(UserError):
@@ -41,6 +39,19 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def main_logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The logits a prediction is made from: a model with an auxiliary head returns ``(main, aux)``."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``N×C×h×w`` logits resized to ``size`` (H, W), bilinear as the Cityscapes convention scores them;
+    the argmax over ``C`` of the result is the prediction at that size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 @torch.inference_mode()
@@ -67,12 +78,8 @@ def evaluate(
     for batch in loader:
         images, labels = prepare_batch(batch[0], batch[1], device, train=False, channels_last=channels_last)
         with autocast_context(device, amp_dtype):
-            logits = model(images)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logits = logits.float()
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            output = model(images)
+        logits = upsample_logits(main_logits(output).float(), labels.shape[-2:])
         loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double()
         valid += (labels != IGNORE_INDEX).sum()
         cm.update(labels, logits.argmax(1))

@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 class ConfusionMatrix:
@@ -55,21 +54,6 @@ class ConfusionMatrix:
         p = torch.where((p >= 0) & (p < n), p, torch.full_like(p, n))
         counts = torch.bincount(t * (n + 1) + p, minlength=n * (n + 1))
         self._counts += counts.view(n, n + 1)
-
-    @torch.no_grad()
-    def update_from_logits(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch of ``N×C×h×w`` logits scored against ``N×H×W`` labels.
-
-        Logits at another size are upsampled bilinearly (``align_corners=False``) to the labels' size before
-        the argmax, which is how a prediction is scored at full label resolution.
-        """
-        if logits.dim() != 4 or target.dim() != 3:
-            raise ValueError(
-                f"expected N×C×h×w logits and N×H×W labels, got {tuple(logits.shape)} and {tuple(target.shape)}"
-            )
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        self.update(target, logits.argmax(dim=1))
 
     def all_reduce(self) -> None:
         """Sum the counts over all processes (no-op outside ``torch.distributed``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,11 +16,12 @@ from PIL import Image
 from torch import nn
 
 import evaluate_efficiency
-from fastseg import efficiency as eff
+from fastseg import measure
 from fastseg.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import build_model
+from fastseg.report import RESULT_KEYS, checkpoint_labels, expand_checkpoint_paths, markdown_table, write_json
 
 # The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
 TINY_RESIZE = [128, 64]
@@ -161,7 +163,7 @@ def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, cap
     assert [r["stage"] for r in rows] == ["teacher p1", "student p1"]
     reference = build_model("fast_scnn").eval()
     for row in rows:
-        assert set(eff.RESULT_KEYS) <= set(row)
+        assert set(RESULT_KEYS) <= set(row)
         assert row["input_size"] == [64, 128] and row["device"] == "cpu" and row["dtype"] == "fp32"
         assert row["macs"] == count_macs(reference, (64, 128)) and row["flops"] == 2 * row["macs"]
         assert row["params"] == count_params(reference)
@@ -170,12 +172,13 @@ def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, cap
         assert row["dice_per_gflop"] == pytest.approx(row["dice"] / (row["flops"] / 1e9))
         assert row["miou_per_gflop"] == pytest.approx(row["miou"] / (row["flops"] / 1e9))
         assert len(row["per_class_iou"]) == 19 and row["bn_folded"] is True
-    assert "latency" in report["method"] and "FLOPs = 2 × MACs" in report["method"]
+    settings = report["settings"]
+    assert settings["runs"] == 3 and settings["throughput_batch"] == 2
+    assert settings["torch"] == torch.__version__ and settings["dtypes"] == ["fp32"]
 
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
     assert "baseline/profile-1/best.pth" in table[2] and "kd/profile-1/best.pth" in table[3]
-    assert report["method"] in out
 
     names = {p.name for p in plots.glob("*.png")}
     assert {"accuracy_vs_gflops.png", "accuracy_vs_latency.png"} <= names
@@ -200,8 +203,9 @@ def test_macs_match_the_published_thop_figure_and_plain_state_dicts_need_a_profi
 
 
 def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
+    # At 64×128 the pyramid pooling's 6×6 bins do not divide its 2×4 map: the hardest case for an exporter.
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     path = tmp_path / "model.onnx"
     report, _ = _run(
         capsys,
@@ -226,6 +230,13 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
     with torch.no_grad():
         expected = _fast_scnn(0)(x).numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-3 * np.abs(expected).max())
+
+
+def test_onnx_export_without_onnxscript_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
+    with pytest.raises(UserError, match="--export-onnx: .*pip install onnxscript"):
+        measure.export_onnx(_fast_scnn(0), (64, 128), tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_checkpoints_end_in_one_line(checkpoints, tmp_path, capsys):
@@ -297,7 +308,7 @@ def test_accuracy_on_a_hand_checked_case(tmp_path):
     sample = SimpleNamespace(name="aachen_000000_000019", label=label_file, image=image_file)
     batch = (torch.zeros(1, 3, 2, 4, dtype=torch.uint8), torch.from_numpy(label)[None], torch.tensor([0]))
 
-    scores = eff.evaluate_accuracy(
+    scores = measure.evaluate_accuracy(
         _HalvesModel(), [batch], torch.device("cpu"), samples=[sample], prediction_dir=tmp_path / "pred"
     )
     assert scores["miou"] == pytest.approx((4 / 5 + 2 / 3) / 2)
@@ -315,39 +326,41 @@ def test_checkpoint_paths_expand_globs_in_order_without_repeats(tmp_path):
     for name in ("b/profile-2/best.pth", "b/profile-1/best.pth", "a/profile-1/best.pth"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    paths = eff.expand_checkpoint_paths(
+    paths = expand_checkpoint_paths(
         [str(tmp_path / "b/profile-2/best.pth"), str(tmp_path / "**/best.pth")]
     )
-    labels = [eff.checkpoint_label(p) for p in paths]
+    labels = checkpoint_labels(paths)
     assert labels == ["b/profile-2/best.pth", "a/profile-1/best.pth", "b/profile-1/best.pth"]
-    # Files outside a trainer's tree go by their name, lengthened only where two would read the same.
-    assert eff.checkpoint_labels(["/m/x/fast.pth", "/m/y/fast.pth", "/m/y/other.pth"]) == [
+    # Labels are the paths relative to the folder that holds them all, so two never read the same.
+    assert checkpoint_labels(["/m/x/fast.pth", "/m/y/fast.pth", "/m/y/other.pth"]) == [
         "x/fast.pth",
         "y/fast.pth",
-        "other.pth",
+        "y/other.pth",
     ]
+    assert checkpoint_labels(["/m/x/../y/fast.pth"]) == ["fast.pth"]
 
 
 def test_report_files_survive_missing_values(tmp_path):
-    row = dict.fromkeys(eff.RESULT_KEYS)
+    row = dict.fromkeys(RESULT_KEYS)
     row.update(checkpoint="x/profile-3/last.pth", profile=3, input_size=[512, 1024], miou=float("nan"))
-    row.update(eff.cost_fields(1_000_000, 2_000_000_000))
-    row.update(eff.efficiency_scores({**row, "miou": 0.5}))
+    row.update(measure.cost_fields(1_000_000, 2_000_000_000))
+    row.update(measure.efficiency_scores({**row, "miou": 0.5}))
     assert row["miou_per_gflop"] == pytest.approx(0.5 / 4.0) and row["dice_per_gflop"] is None
-    table = eff.markdown_table([row])
+    table = markdown_table([row])
     assert "| x/profile-3/last.pth | 3 | 512×1024 | – | – | 1.000 | 2.000 |" in table
-    path = eff.write_json(tmp_path / "out" / "r.json", [row], "method text")
+    path = write_json(tmp_path / "out" / "r.json", [row], {"runs": 50})
     loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
-    assert loaded["results"][0]["miou"] is None and loaded["method"] == "method text"
+    assert loaded["results"][0]["miou"] is None and loaded["settings"] == {"runs": 50}
     assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left behind
 
 
 def test_measure_speed_reports_every_figure():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
-    speed = eff.benchmark_speed(model, (16, 32), torch.device("cpu"), runs=4, warmup=1, throughput_batch=3)
+    cpu = torch.device("cpu")
+    speed = measure.benchmark_speed(model, (16, 32), cpu, runs=4, warmup=1, throughput_batch=3)
     fp32 = speed["by_dtype"]["fp32"]
     assert speed["bn_folded"] is False  # only Fast-SCNN is folded
     assert fp32["runs"] == 4 and fp32["throughput_batch"] == 3
     assert fp32["latency_p90_ms"] >= fp32["latency_ms"] >= fp32["latency_min_ms"] > 0
-    assert fp32["peak_memory_kind"] in ("cpu_peak_rss_increase", None)
+    assert fp32["peak_memory_mb"] is None  # measured on CUDA only
     assert model[1].training is False and isinstance(model[1], nn.BatchNorm2d)  # the original is untouched

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from fastseg.engine import upsample_logits
 from fastseg.metrics import ConfusionMatrix
 
 
@@ -86,13 +87,13 @@ def test_accumulates_reset_and_shape_check():
         cm.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
 
 
-def test_update_from_logits_upsamples_bilinearly_to_label_size():
+def test_logits_upsampled_bilinearly_to_label_size_decide_each_pixel():
     # 2×2 logits for 3 classes, labels at 4×4: the argmax of the bilinear upsample decides each pixel.
     logits = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     target = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(1))
     target[0, 0, 0] = 255
     cm = ConfusionMatrix(num_classes=3)
-    cm.update_from_logits(logits, target)
+    cm.update(target, upsample_logits(logits, target.shape[-2:]).argmax(1))
     up = torch.nn.functional.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=False)
     ref = ConfusionMatrix(num_classes=3)
     ref.update(target, up.argmax(1))
@@ -104,11 +105,12 @@ def test_update_from_logits_upsamples_bilinearly_to_label_size():
     assert not torch.equal(near.mat, cm.mat)
 
 
-def test_update_from_logits_same_size_is_plain_argmax():
+def test_logits_at_label_size_are_scored_by_plain_argmax():
     logits = torch.zeros(1, 2, 1, 3)
     logits[0, 1, 0, 2] = 5.0
+    assert upsample_logits(logits, (1, 3)) is logits
     cm = ConfusionMatrix(num_classes=2)
-    cm.update_from_logits(logits, torch.tensor([[[0, 1, 1]]]))
+    cm.update(torch.tensor([[[0, 1, 1]]]), upsample_logits(logits, (1, 3)).argmax(1))
     assert cm.mat.tolist() == [[1, 0], [1, 1]]
 
 

@@ -242,7 +242,7 @@ def wait(cluster: SlurmCluster, jobs: list[Job], start: float) -> None:
 
 
 def evaluation_table(job: Job) -> str:
-    """The Markdown table evaluate_efficiency.py printed, with the line on how it measured, from the job's log."""
+    """The Markdown table evaluate_efficiency.py printed, from the job's log."""
     lines = job.text().splitlines()
     table = [i for i, line in enumerate(lines) if line.startswith("|")]
     if not table:
@@ -250,8 +250,7 @@ def evaluation_table(job: Job) -> str:
     first, last = table[0], table[0]
     while last + 1 < len(lines) and lines[last + 1].startswith("|"):
         last += 1
-    method = next((line for line in lines[last + 1 :] if line.strip()), "")
-    return "\n".join([*lines[first : last + 1], "", method]).rstrip()
+    return "\n".join(lines[first : last + 1])
 
 
 def check_slurm() -> None:

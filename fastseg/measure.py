@@ -1,0 +1,428 @@
+"""Accuracy, cost and speed of a segmentation checkpoint: the measurements behind ``evaluate_efficiency.py``.
+
+- accuracy over the val split from one confusion matrix, optionally saving the predictions as Cityscapes
+  label-id PNGs that the official evaluation accepts (:func:`evaluate_accuracy`);
+- cost: parameters, MACs and FLOPs (:func:`cost_fields`; the counts come from :mod:`fastseg.flops`,
+  FLOPs are 2 × MACs) and accuracy per GFLOP (:func:`efficiency_scores`);
+- speed: latency at batch 1, throughput at a larger batch and, on CUDA, peak memory, per dtype, on a copy
+  of the model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`), and ONNX export
+  with onnxruntime latency (:func:`export_onnx`, :func:`onnx_latency`).
+
+The table, JSON and plots that compare checkpoints are :mod:`fastseg.report`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fast_scnn import FastSCNN, fold_batchnorm
+from fastseg.checkpoint import atomic_path, atomic_write
+from fastseg.cityscapes import TRAIN_ID_TO_ID, colorize
+from fastseg.engine import autocast_context, evaluate, main_logits, upsample_logits
+from fastseg.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The lowest opset the torch.export-based ONNX exporter writes without converting its graph afterwards.
+ONNX_OPSET = 18
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _atomic_save_image(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------------
+
+
+def prediction_name(sample_name: str) -> str:
+    """The file name the official Cityscapes evaluation matches against ``<city>_<seq>_<frame>``."""
+    return f"{sample_name}_pred_labelIds.png"
+
+
+def save_prediction(train_ids: np.ndarray, path: Path) -> None:
+    """Write one prediction as a PNG of Cityscapes *label ids* (what the official tools expect)."""
+    label_ids = TRAIN_ID_TO_ID[train_ids.astype(np.uint8)]
+    _atomic_save_image(Image.fromarray(label_ids), path)
+
+
+def save_overlay(image_path: Path, train_ids: np.ndarray, path: Path, alpha: float = 0.5) -> None:
+    """Blend the colourised prediction over the original image, for a human to look at."""
+    colours = Image.fromarray(colorize(train_ids.astype(np.uint8)))
+    with Image.open(image_path) as image:
+        base = image.convert("RGB")
+    if base.size != colours.size:
+        base = base.resize(colours.size, Image.Resampling.BILINEAR)
+    _atomic_save_image(Image.blend(base, colours, alpha), path)
+
+
+def _original_label_size(label_path: Path) -> tuple[int, int]:
+    """(H, W) of a label file, from its header alone."""
+    with Image.open(label_path) as image:
+        width, height = image.size
+    return height, width
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int = 19,
+    *,
+    samples: Sequence[Any] | None = None,
+    prediction_dir: Path | None = None,
+    overlay_dir: Path | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, Any]:
+    """mIoU, per-class IoU, Dice and pixel accuracy over ``loader``: the trainers' own validation pass.
+
+    Logits are upsampled (bilinear) to the size of the labels the loader yields, so the score is at
+    full label resolution when the dataset keeps labels full size. ``samples`` (the dataset's Sample
+    list, indexed by the loader's third item) is needed to name saved predictions; these are always
+    written at the size of the original label file.
+    """
+    if (prediction_dir or overlay_dir) and samples is None:
+        raise ValueError("samples are needed to name saved predictions")
+
+    def save(indices, logits, _images, _labels) -> None:
+        for row, index in enumerate(indices.tolist()):
+            sample = samples[index]
+            # The official evaluation compares with the original label file, whatever size was scored here.
+            full_size = _original_label_size(sample.label)
+            train_ids = upsample_logits(logits[row : row + 1], full_size).argmax(1)[0]
+            train_ids = train_ids.to(torch.uint8).cpu().numpy()
+            if prediction_dir is not None:
+                save_prediction(train_ids, Path(prediction_dir) / prediction_name(sample.name))
+            if overlay_dir is not None:
+                save_overlay(sample.image, train_ids, Path(overlay_dir) / f"{sample.name}_overlay.png")
+
+    saving = prediction_dir is not None or overlay_dir is not None
+    scores = evaluate(model, progress(loader) if progress else loader, device, num_classes,
+                      on_batch=save if saving else None)
+    return matrix_metrics(scores)
+
+
+def matrix_metrics(scores: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy part of a report row from the scores of a validation pass (fractions; absent classes None).
+
+    The matrix itself (rows = ground truth, columns = prediction, train ids) goes along, so any other
+    score can be derived from the report later.
+    """
+    return {
+        "miou": _finite_or_none(scores["miou"]),
+        "dice": _finite_or_none(scores["dice"]),
+        "pixel_accuracy": _finite_or_none(scores["pixel_accuracy"]),
+        "per_class_iou": [_finite_or_none(v) for v in scores["per_class_iou"]],
+        "per_class_dice": [_finite_or_none(v) for v in scores.get("per_class_dice", [])],
+        "confusion_matrix": scores["matrix"].tolist(),
+    }
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost
+# --------------------------------------------------------------------------------------------------
+
+
+def cost_fields(params: int, macs: int) -> dict[str, Any]:
+    """Parameters, MACs and FLOPs (= 2 × MACs, the convention of the report) of one row."""
+    return {"params": int(params), "macs": int(macs), "flops": 2 * int(macs)}
+
+
+def efficiency_scores(row: dict[str, Any]) -> dict[str, float | None]:
+    """Dice and mIoU (fractions) per GFLOP, with GFLOP = 2 × MACs / 1e9."""
+    gflops = row["flops"] / 1e9 if row.get("flops") else None
+    scores = {}
+    for key in ("dice", "miou"):
+        value = row.get(key)
+        scores[f"{key}_per_gflop"] = value / gflops if value is not None and gflops else None
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_for_speed(
+    model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True
+) -> tuple[nn.Module, bool]:
+    """A copy of ``model`` set up as it would be deployed; returns (model, whether BN was folded).
+
+    BatchNorm is folded into the preceding convolutions for Fast-SCNN (its own ``fold_batchnorm``);
+    other architectures keep their BatchNorm layers, which the report states.
+    """
+    folded = fold_bn and isinstance(model, FastSCNN)
+    if folded:
+        model = fold_batchnorm(model)  # returns an eval-mode copy
+    else:
+        model = copy.deepcopy(model).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, folded
+
+
+def _timed_runs(fn: Callable[[], Any], runs: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall times in ms of ``runs`` calls after ``warmup`` untimed ones, synchronising CUDA around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """CUDA: the most memory PyTorch's allocator held (weights + activations) since the last reset.
+
+    None on a CPU: the process's resident memory there mixes the model with everything else it holds
+    (data, the Python heap, freed pages kept by the allocator), so it would not be the model's figure.
+    """
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def measure_speed(
+    model: nn.Module,
+    input_hw: tuple[int, int],
+    device: torch.device,
+    *,
+    dtype: str = "fp32",
+    runs: int = 50,
+    warmup: int = 10,
+    throughput_batch: int = 8,
+    throughput_runs: int | None = None,
+    channels_last: bool = True,
+) -> dict[str, Any]:
+    """Latency at batch 1 (median, p90, mean, min over ``runs``), throughput at ``throughput_batch`` and
+    (on CUDA) the peak memory of batch-1 inference, for a model prepared by :func:`prepare_for_speed`.
+    """
+    if runs < 1 or warmup < 0 or throughput_batch < 1:
+        raise ValueError("runs and throughput_batch must be positive, warmup non-negative")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    height, width = input_hw
+    generator = torch.Generator().manual_seed(0)
+
+    def make_input(batch: int) -> torch.Tensor:
+        # Random normalised images: a segmentation network's cost does not depend on pixel values.
+        x = torch.randn(batch, 3, height, width, generator=generator)
+        return x.to(device).contiguous(memory_format=memory_format)
+
+    single = make_input(1)
+
+    amp_dtype = None if dtype == "fp32" else DTYPES[dtype]
+
+    def forward(x: torch.Tensor) -> Any:
+        with torch.inference_mode(), autocast_context(device, amp_dtype):
+            return model(x)
+
+    def timed(x: torch.Tensor, n: int, n_warmup: int) -> tuple[list[float], float | None]:
+        for _ in range(n_warmup):
+            forward(x)
+        # The peak is taken after warm-up, so that cuDNN's autotuning workspaces do not count.
+        _reset_peak_memory(device)
+        times = _timed_runs(lambda: forward(x), n, 0, device)
+        return times, _peak_memory_mb(device)
+
+    latencies, memory = timed(single, runs, warmup)
+    throughput_runs = throughput_runs or max(5, runs // 5)
+    batch_times, batch_memory = timed(make_input(throughput_batch), throughput_runs, min(warmup, 3))
+    median_batch_s = _percentile(batch_times, 50) / 1e3
+    return {
+        "dtype": dtype,
+        "latency_ms": _percentile(latencies, 50),
+        "latency_p90_ms": _percentile(latencies, 90),
+        "latency_mean_ms": float(np.mean(latencies)),
+        "latency_min_ms": float(np.min(latencies)),
+        "runs": runs,
+        "warmup": warmup,
+        "fps": throughput_batch / median_batch_s,
+        # What batch-1 latency alone implies; on a CPU a larger batch often does no better.
+        "fps_batch1": 1e3 / _percentile(latencies, 50),
+        "throughput_batch": throughput_batch,
+        "throughput_runs": throughput_runs,
+        "peak_memory_mb": memory,
+        "peak_memory_mb_throughput": batch_memory,
+    }
+
+
+def speed_dtypes(device: torch.device, primary: str = "fp32") -> list[str]:
+    """fp32 everywhere; on CUDA also fp16 and (where supported) bf16 under autocast."""
+    names = ["fp32"]
+    if device.type == "cuda":
+        names.append("fp16")
+        if torch.cuda.is_bf16_supported():
+            names.append("bf16")
+    if primary not in names:
+        names.append(primary)
+    return names
+
+
+def benchmark_speed(
+    model: nn.Module,
+    input_hw: tuple[int, int],
+    device: torch.device,
+    *,
+    dtypes: Sequence[str] = ("fp32",),
+    runs: int = 50,
+    warmup: int = 10,
+    throughput_batch: int = 8,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+    compile_model: bool = False,
+) -> dict[str, Any]:
+    """Prepare a deployable copy of ``model`` and time it in each dtype.
+
+    Returns ``{"bn_folded": bool, "channels_last": bool, "compiled": bool, "by_dtype": {dtype: speed}}``.
+    """
+    prepared, folded = prepare_for_speed(model, fold_bn=fold_bn, channels_last=channels_last)
+    prepared = prepared.to(device)
+    if compile_model:
+        prepared = torch.compile(prepared)
+    by_dtype = {}
+    for dtype in dtypes:
+        by_dtype[dtype] = measure_speed(
+            prepared,
+            input_hw,
+            device,
+            dtype=dtype,
+            runs=runs,
+            warmup=max(warmup, 3 if compile_model else 0),
+            throughput_batch=throughput_batch,
+            channels_last=channels_last,
+        )
+    del prepared
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "bn_folded": folded,
+        "channels_last": channels_last,
+        "compiled": compile_model,
+        "by_dtype": by_dtype,
+    }
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.PathLike) -> Path:
+    """Export a BN-folded fp32 copy of ``model`` for a 1×3×H×W input; the file is replaced atomically.
+
+    The torch.export-based exporter (``dynamo=True``) is used: it exports Fast-SCNN's pyramid pooling at
+    every input size, whereas the older TorchScript exporter refuses adaptive pooling to bins that do not
+    divide the feature map (6 bins on the 9×18 map of profile 1). It needs ``onnxscript``.
+    """
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            "--export-onnx: the ONNX exporter needs onnxscript, which is not installed; "
+            "`pip install onnxscript` (it is in requirements-dev.txt) or drop --export-onnx"
+        ) from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepared, _ = prepare_for_speed(model, fold_bn=True, channels_last=False)
+    prepared = prepared.float().cpu()
+    example = torch.randn(1, 3, *input_hw)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        torch.onnx.export(
+            _LogitsOnly(prepared).eval(),
+            (example,),
+            tmp,
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=False,  # one self-contained file: Fast-SCNN's weights are a few MB
+            verbose=False,
+        )
+    return path
+
+
+class _LogitsOnly(nn.Module):
+    """Export wrapper so that the graph has a single ``logits`` output whatever the model returns."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return main_logits(self.model(x))
+
+
+def onnx_latency(
+    path: str | os.PathLike,
+    input_hw: tuple[int, int],
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    use_cuda: bool = False,
+) -> dict[str, Any]:
+    """onnxruntime latency at batch 1 (median, p90) with the CUDA provider when asked and present."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise UserError(
+            "--export-onnx: onnxruntime is not installed, so the exported model cannot be timed; "
+            "`pip install onnxruntime` (or onnxruntime-gpu) to time it"
+        ) from exc
+    providers = ["CPUExecutionProvider"]
+    if use_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    feed = {
+        session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, *input_hw), np.float32)
+    }
+    times = _timed_runs(lambda: session.run(None, feed), runs, warmup, torch.device("cpu"))
+    return {
+        "onnx_path": str(path),
+        "onnx_provider": session.get_providers()[0],
+        "onnx_latency_ms": _percentile(times, 50),
+        "onnx_latency_p90_ms": _percentile(times, 90),
+    }
+
+
