@@ -20,6 +20,7 @@ at the end of every epoch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -34,6 +35,7 @@ from fastseg.checkpoint import (
     append_jsonl,
     atomic_save,
     atomic_write_text,
+    curriculum_totals,
     load_checkpoint,
     load_previous_stage,
     load_weights,
@@ -46,9 +48,10 @@ from fastseg.config import build_parser, report_overrides, stage_profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.engine import NonFiniteLoss, autocast_context, evaluate, resolve_amp
 from fastseg.errors import UserError, run_cli
+from fastseg.flops import count_train_step_flops
 from fastseg.losses import SegmentationLoss
-from fastseg.models import build_model
-from fastseg.optim import build_optimizer, build_scheduler
+from fastseg.models import build_model, has_aux
+from fastseg.optim import apply_recipe, build_optimizer, build_scheduler, decay_span
 from fastseg.stopping import REQUEUE_EXIT_CODE, StopFlag, agree
 from fastseg.tracking import Progress, Tracker, read_dotenv
 
@@ -57,21 +60,26 @@ PROFILE = 1  # curriculum stage 1..5: 576x288 -> 448x224 crops ... 2048x1024 -> 
 DATA_DIR = "data/cityscapes"  # Cityscapes root with leftImg8bit/ and gtFine/ (data/synthetic for the demo)
 EXPERIMENT_ID = "fast_scnn"  # names the curriculum run; every stage of one run shares it
 PREVIOUS_MODEL_PATH = "auto"  # auto = best.pth of the previous profile of this run (none at profile 1)
-EPOCHS = 100  # per stage; the higher profiles cost ~12x more per epoch than profile 1
-BATCH_SIZE = 16  # per GPU; Fast-SCNN at profile 5 (1536x768 crops) fits 16 in 40 GB with bf16
-LR = 1e-3  # AdamW's rate as used before; with --optimizer sgd the paper used 0.045
-OPTIMIZER = "adamw"  # adamw, or sgd (momentum 0.9, the paper's recipe)
-LR_SCHEDULE = "poly"  # poly: (1 - step/total)^0.9 after the warm-up; constant: no decay
-WARMUP_EPOCHS = 0.0  # linear warm-up; useful with sgd and large batches
-WEIGHT_DECAY = 1e-4  # not applied to norm weights, biases and depthwise kernels
-MOMENTUM = 0.9  # sgd only
-AUX = False  # auxiliary head on the 1/8 features (loss weight 0.4); off keeps the users' checkpoint layout
+RECIPE = "paper"  # paper: the published Fast-SCNN recipe (fastseg/optim.py, README); adamw: earlier runs here
+CURRICULUM_EPOCHS = (100, 100, 100, 100, 100)  # planned epochs of profiles 1..5: one lr decay spans them all
+EPOCHS = None  # this stage's epochs; None = CURRICULUM_EPOCHS of this profile
+LR_DECAY = "curriculum"  # curriculum: stage k starts at the rate where stage k-1 ended; stage: a whole decay
 NUM_WORKERS = 8  # data loader processes per GPU; the cached loader needs few
 SEED = 0
+# ---- None = the recipe's value (paper | adamw) ---------------------------------------------------------------
+BATCH_SIZE = None  # per GPU: 16 | 32; Fast-SCNN at profile 5 (1536x768 crops) fits 16 in 40 GB with bf16
+OPTIMIZER = None  # sgd | adamw
+LR = None  # 0.00375 x global batch (per-GPU batch x GPUs, as the paper's 0.045 at 12) | 1e-3
+LR_SCHEDULE = None  # poly: (1 - t/T)^0.9 down to MIN_LR over the decay | constant
+MIN_LR = None  # 1e-4 (mmsegmentation) | 0
+WEIGHT_DECAY = None  # 4e-5 | 1e-4; never on norm weights, biases and depthwise kernels
+AUX = None  # two auxiliary heads (1/8 and 1/32 features, loss weight 0.4 each) during training | none
+SCALE_AUG = None  # random scale 0.5-2.0 of the profile's size before the crop | off
 # ---- rarely changed ----------------------------------------------------------------------------------------
+MOMENTUM = 0.9  # sgd only
+WARMUP_EPOCHS = 0.0  # linear warm-up at the start of the stage (after a change of resolution)
 ARCH = "fast_scnn"  # or a torchvision model (deeplabv3_resnet50, ...) to train a larger teacher
 WIDTH_MULT = 1.0  # Fast-SCNN channel width; 2.0 makes a wider teacher
-SCALE_AUG = False  # random scale 0.5-2.0 before cropping (the paper's augmentation)
 LABEL_RESOLUTION = "full"  # validate at the labels' full size (Cityscapes convention) or "resized"
 OUTPUT_DIR = "checkpoints"
 RESUME = "auto"  # continue from this stage's last.pth when it exists (a requeued Slurm job)
@@ -188,6 +196,18 @@ def main(argv=None, *, script_args=None, make_objective=build_objective, previou
 
 def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> int:
     say = print if info.is_main else (lambda *a, **k: None)
+    # The settings this stage runs with: the recipe fills what the constants and flags left unset (None).
+    args, filled = apply_recipe(args, info.world_size)
+    if "aux" in filled and not has_aux(args.arch):  # the recipe's heads, on a model that has none
+        args = argparse.Namespace(**{**vars(args), "aux": False})
+        filled["aux"] = False
+    if args.epochs is None:
+        args = argparse.Namespace(**{**vars(args), "epochs": args.curriculum_epochs[args.profile - 1]})
+        filled["epochs"] = args.epochs
+        if not args.epochs:
+            raise UserError(f"--curriculum-epochs plans 0 epochs for profile {args.profile}; give --epochs")
+    say(f"recipe {args.recipe}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in filled.items()))
     profile = stage_profile(args.profile, args.resize, args.patch)
     out = stage_dir(args.output_dir, args.experiment_id, args.profile)
     if device.type == "cpu":
@@ -240,11 +260,21 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     val_loader = build_loader(val_set, args.batch_size, args.num_workers, shuffle=False, seed=args.seed,
                               distributed=info.distributed)
 
-    # Optimiser, schedule, precision, DDP.
+    # Optimiser and this stage's part of the learning-rate decay.
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     steps_per_epoch = len(train_loader)
-    scheduler = build_scheduler(optimizer, args.lr_schedule, args.epochs * steps_per_epoch,
-                                round(args.warmup_epochs * steps_per_epoch))
+    before, total = decay_span(args.curriculum_epochs, args.profile, args.epochs, args.lr_decay)
+    scheduler = build_scheduler(optimizer, args.lr_schedule, before * steps_per_epoch, total * steps_per_epoch,
+                                round(args.warmup_epochs * steps_per_epoch), args.min_lr / args.lr)
+    # Training compute of one step, counted once on a batch of this stage's crops (all processes together).
+    generator = torch.Generator().manual_seed(0)
+    ph, pw = profile.patch_hw
+    images = torch.randint(0, 256, (args.batch_size, 3, ph, pw), dtype=torch.uint8, generator=generator)
+    step_tflop = info.world_size * count_train_step_flops(
+        model, objective, *prepare_batch(images, torch.zeros(args.batch_size, ph, pw, dtype=torch.uint8), device,
+                                         train=False)) / 1e12
+
+    # Precision and DDP.
     amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     train_model = model
@@ -255,6 +285,8 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
         train_model = torch.compile(train_model)
 
     start_epoch, best_miou, run_id = 0, -1.0, None
+    # Compute and device time of the curriculum so far: the previous stage's totals, or this stage's on resume.
+    totals = curriculum_totals(previous) if previous is not None else {"cum_train_tflop": 0.0, "cum_device_hours": 0.0}
     if checkpoint is not None:
         load_weights(model, checkpoint, "--resume", where=resume_path)
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -263,6 +295,7 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best_miou = checkpoint["epoch"], checkpoint["best_miou"]
         run_id = checkpoint.get("wandb_run_id")
+        totals = {k: checkpoint["metrics"][k] for k in totals}
         say(f"resumed from {resume_path}: epoch {start_epoch + 1}")
 
     # The run's configuration: every setting, plus what was resolved from them. Fixed from here on.
@@ -296,8 +329,11 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
 
         val = evaluate(model, val_loader, device, NUM_CLASSES, amp_dtype, device.type == "cuda",
                        on_batch=tracker.val_batch_hook(epoch) if info.is_main else None)
+        train_tflop = step_tflop * steps_per_epoch
+        totals = {"cum_train_tflop": totals["cum_train_tflop"] + train_tflop,
+                  "cum_device_hours": totals["cum_device_hours"] + train_metrics["epoch_s"] * info.world_size / 3600}
         record = {
-            "epoch": epoch + 1, **train_metrics,
+            "epoch": epoch + 1, **train_metrics, "train_tflop": train_tflop, **totals,
             "val_loss": val["loss"], "val_miou": val["miou"], "val_dice": val["dice"],
             "val_pixel_accuracy": val["pixel_accuracy"], "val_per_class_iou": val["per_class_iou"],
             "lr": optimizer.param_groups[0]["lr"],

@@ -232,6 +232,20 @@ def load_previous_stage(model: nn.Module, path: Path, arch: str, profile: int, f
     return cfg
 
 
+def curriculum_totals(previous: Path) -> dict:
+    """Training compute and device time of the curriculum up to the end of the stage ``previous`` comes from.
+
+    Read from the last.pth beside it (the stage's final epoch), else from the file itself; a file without
+    them (a users' plain state_dict) starts the count at 0.
+    """
+    for path in (previous.parent / "last.pth", previous):
+        if path.is_file():
+            metrics = load_checkpoint(path, "--previous-model-path").get("metrics") or {}
+            if "cum_train_tflop" in metrics:
+                return {k: metrics[k] for k in ("cum_train_tflop", "cum_device_hours")}
+    return {"cum_train_tflop": 0.0, "cum_device_hours": 0.0}
+
+
 def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
     """Make ``metrics.jsonl`` hold exactly one line per epoch of the checkpoint a run resumes from.
 

@@ -13,6 +13,7 @@ from typing import Any
 from fastseg.cityscapes import PROFILES, Profile
 from fastseg.errors import UserError
 from fastseg.models import ARCHS
+from fastseg.optim import RECIPES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -46,6 +47,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _epochs_per_profile(text: str) -> tuple[int, ...]:
+    try:
+        epochs = tuple(int(v) for v in str(text).strip("()[] ").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected five epoch counts such as 100,100,80,60,40, got '{text}'") from None
+    if len(epochs) != len(PROFILES) or min(epochs) < 0:
+        raise argparse.ArgumentTypeError(f"expected {len(PROFILES)} epoch counts >= 0 (profiles 1-5), got '{text}'")
+    return epochs
+
+
 def build_parser(description: str, defaults: dict[str, Any]) -> argparse.ArgumentParser:
     """The flags every trainer shares, with defaults taken from the script's constants."""
     d = defaults
@@ -59,7 +70,7 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--resize", type=_size, default=None, help="override the profile's resize size, WxH")
     g.add_argument("--patch", type=_size, default=None, help="override the profile's random-crop size, WxH")
     g.add_argument("--scale-aug", action=argparse.BooleanOptionalAction, default=d["scale_aug"],
-                   help="random scale 0.5-2.0 before cropping (the paper's augmentation)")
+                   help="random scale 0.5-2.0 of the profile's size before cropping (the paper's augmentation)")
     g.add_argument("--label-resolution", choices=["full", "resized"], default=d["label_resolution"],
                    help="score validation at the label's full size (Cityscapes convention) or the resized one")
     g.add_argument("--num-workers", type=_non_negative_int, default=d["num_workers"])
@@ -69,14 +80,22 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--width-mult", type=_positive_float, default=d["width_mult"],
                    help="channel width of Fast-SCNN (1.0 is the standard, checkpoint-compatible layout)")
     g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=d["aux"],
-                   help="auxiliary head on the 1/8 features during training (weight 0.4)")
+                   help="auxiliary heads during training (loss weight 0.4 each); checkpoints load with or without")
     g.add_argument("--previous-model-path", default=d["previous_model_path"],
                    help="weights to start from: none, a .pth path, or auto (best.pth of the previous profile)")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=d["epochs"])
+    g = p.add_argument_group("optimisation (settings left unset take the recipe's value)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=d["recipe"],
+                   help="paper: the published Fast-SCNN recipe; adamw: this project's earlier runs")
+    g.add_argument("--curriculum-epochs", type=_epochs_per_profile, default=tuple(d["curriculum_epochs"]),
+                   help="planned epochs of profiles 1-5, e.g. 100,100,80,60,40; one lr decay spans them all")
+    g.add_argument("--epochs", type=_positive_int, default=d["epochs"],
+                   help="this stage's epochs (default: its --curriculum-epochs entry)")
+    g.add_argument("--lr-decay", choices=["curriculum", "stage"], default=d["lr_decay"],
+                   help="curriculum: one decay over all stages; stage: a whole decay within this stage")
     g.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], help="per process")
     g.add_argument("--lr", type=_positive_float, default=d["lr"])
+    g.add_argument("--min-lr", type=float, default=d["min_lr"], help="where the poly decay ends")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=d["optimizer"])
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     g.add_argument("--momentum", type=float, default=d["momentum"], help="SGD only")
@@ -110,7 +129,8 @@ def report_overrides(args: argparse.Namespace, defaults: dict[str, Any], script:
     Only the command line can change a setting (the wrappers add nothing of their own), so a run whose log
     shows no such line ran exactly the constants in the file.
     """
-    changed = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    changed = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]
+               and not (isinstance(v, tuple) and v == tuple(defaults[k]))}
     for key, value in sorted(changed.items()):
         print(f"setting: {key} = {value!r} (from the command line; the constant {key.upper()} is "
               f"{defaults[key]!r})", flush=True)

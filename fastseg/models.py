@@ -64,6 +64,11 @@ class TorchvisionSegmenter(nn.Module):
         return out
 
 
+def has_aux(arch: str) -> bool:
+    """Whether ``arch`` can train with an auxiliary head."""
+    return arch == "fast_scnn" or (arch in _TORCHVISION and _TORCHVISION[arch][1])
+
+
 def build_model(
     arch: str = "fast_scnn", num_classes: int = 19, aux: bool = False, width_mult: float = 1.0
 ) -> nn.Module:

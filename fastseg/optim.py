@@ -1,9 +1,44 @@
-"""Optimiser and learning-rate schedule of a stage."""
+"""Recipes, optimiser and learning-rate schedule of a stage.
+
+``paper`` is the recipe behind every published Fast-SCNN result on Cityscapes (68.6-71.5 val mIoU): Poudel et
+al. 2019 and mmsegmentation's ``configs/fastscnn`` agree on SGD with momentum 0.9 at 0.00375 per image of
+the global batch, weight decay 4e-5, a poly decay (power 0.9) to 1e-4, two auxiliary heads at weight 0.4 and
+random scaling 0.5-2.0 before the crop. ``adamw`` is what earlier runs of this project used, kept so their
+results can be reproduced.
+"""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import nn
+
+RECIPES: dict[str, dict] = {
+    "paper": {"batch_size": 16, "optimizer": "sgd", "lr_per_image": 0.00375, "weight_decay": 4e-5,
+              "lr_schedule": "poly", "min_lr": 1e-4, "aux": True, "scale_aug": True},
+    "adamw": {"batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
+              "lr_schedule": "constant", "min_lr": 0.0, "aux": False, "scale_aug": False},
+}
+# The settings a recipe fills in when the script's constant (and flag) leaves them unset (None).
+RECIPE_SETTINGS = ("batch_size", "optimizer", "lr", "weight_decay", "lr_schedule", "min_lr", "aux", "scale_aug")
+
+
+def apply_recipe(args: argparse.Namespace, world_size: int) -> tuple[argparse.Namespace, dict]:
+    """``args`` with every unset recipe setting filled from ``args.recipe``; returns it and what was filled.
+
+    The paper's rate scales with the global batch (per-process batch x processes), so the same recipe holds
+    on one GPU or sixteen.
+    """
+    recipe = RECIPES[args.recipe]
+    filled = {}
+    for key in RECIPE_SETTINGS:
+        if getattr(args, key) is None and key != "lr":
+            filled[key] = recipe[key]
+    batch = filled.get("batch_size", args.batch_size)
+    if args.lr is None:
+        filled["lr"] = recipe["lr_per_image"] * batch * world_size if "lr_per_image" in recipe else recipe["lr"]
+    return argparse.Namespace(**{**vars(args), **filled}), filled
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -27,14 +62,34 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0):
-    """Linear warm-up, then poly decay (power 0.9) to zero at the last step, or a constant rate."""
+def decay_span(curriculum_epochs: list[int], profile: int, epochs: int, scope: str) -> tuple[int, int]:
+    """(epochs before this stage, epochs in the whole decay) of the learning-rate decay this stage is part of.
+
+    ``curriculum``: one decay over every planned epoch of profiles 1-5 (this stage's own count in its place),
+    so stage k starts at the rate where stage k-1 ended. ``stage``: a whole decay within this stage.
+    """
+    if scope == "stage":
+        return 0, epochs
+    before = sum(curriculum_epochs[: profile - 1])
+    return before, before + epochs + sum(curriculum_epochs[profile:])
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, min_factor: float = 0.0) -> float:
+    """Multiplier of the base rate at ``step`` of a decay of ``total_steps``: poly (power 0.9) from 1 down to
+    ``min_factor`` (mmsegmentation's ``min_lr`` / lr), or constant."""
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, step / max(1, total_steps))
+    return min_factor + (1.0 - min_factor) * (1.0 - progress) ** 0.9
+
+
+def build_scheduler(optimizer, schedule: str, start_step: int, total_steps: int, warmup_steps: int = 0,
+                    min_factor: float = 0.0):
+    """This stage's part of the decay: from ``start_step`` of ``total_steps``, after an optional linear warm-up
+    (after a change of resolution) up to the rate the decay has reached there."""
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)) ** 0.9
+        rate = lr_factor(start_step + step, total_steps, schedule, min_factor)
+        return rate * (step + 1) / warmup_steps if step < warmup_steps else rate
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
