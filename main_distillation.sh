@@ -30,7 +30,6 @@ SEED=0
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tools/launch.sh
 source "$here/tools/launch.sh"
-fastseg_load_dotenv "$here"
 PYTHON="$(fastseg_default_python "$here")"
 
 # --resume auto: a requeued or resubmitted job continues from this stage's last.pth, and a finished stage
