@@ -124,8 +124,9 @@ def test_auto_without_api_key_logs_offline_into_dir_and_resumes_the_same_run(wan
     again = Tracker(mode="offline", project="test", dir=runs, run_id=tracker.run_id)
     assert again.run_id == tracker.run_id
     again.finish()
+    # a second folder for the same run id (wandb appends -1 when both runs start in the same second)
     names = [d.name for d in _run_dirs(runs)]
-    assert len(names) == 2 and all(name.endswith(tracker.run_id) for name in names), names
+    assert len(names) == 2 and all(f"-{tracker.run_id}" in name for name in names), names
 
 
 def test_online_without_credentials_logs_offline_with_one_warning_and_no_prompt(wandb_env, capsys):
