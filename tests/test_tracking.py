@@ -6,6 +6,7 @@ import io
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,16 @@ def _run_dirs(root):
     return sorted((root / "wandb").glob("offline-run-*"))
 
 
-def _records(run_dir) -> bytes:
-    """The run's log as written to disk (protobuf records, where the keys are plain text)."""
-    return next(run_dir.glob("run-*.wandb")).read_bytes()
+def _records(run_dir, last: bytes) -> bytes:
+    """The run's log as written to disk (protobuf records, where the keys are plain text), once it holds
+    ``last``: wandb's service process may still be writing it when ``finish()`` has returned.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        records = next(run_dir.glob("run-*.wandb")).read_bytes()
+        if last in records or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- Progress
@@ -115,7 +123,7 @@ def test_auto_without_api_key_logs_offline_into_dir_and_resumes_the_same_run(wan
     assert "warning" not in capsys.readouterr().err
     [run_dir] = _run_dirs(runs)
     assert run_dir.name.endswith(tracker.run_id)
-    records = _records(run_dir)
+    records = _records(run_dir, last=b"best_val_miou")
     assert b"train_loss" in records and b"best_val_miou" in records
     assert f"val_iou/{CLASS_NAMES[0]}".encode() in records
     assert b"val_dice" not in records  # None is left out
