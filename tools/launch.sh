@@ -1,32 +1,11 @@
 # Shared by main.sh, main_distillation.sh, evaluate_efficiency.sh and the Slurm job scripts (sourced, not run):
-# which Python runs the project, secrets from .env, and running a job's payload so that a Slurm time
-# limit or preemption ends in a saved checkpoint and a requeue instead of a lost run.
+# which Python runs the project, and running a job's payload so that a Slurm time limit or preemption
+# ends in a saved checkpoint and a requeue instead of a lost run. (.env is read by the trainers themselves.)
 # shellcheck shell=bash
 
 # Exit status of a trainer that saved last.pth after SIGUSR1/SIGTERM and wants to be run again
 # (REQUEUE_EXIT_CODE in fastseg/stopping.py).
 FASTSEG_REQUEUE_EXIT=75
-
-# fastseg_load_dotenv DIR: export KEY=VALUE lines of DIR/.env (git-ignored; see .env.example) without
-# overriding what the environment already has, so `WANDB_API_KEY=... bash main.sh` still wins.
-fastseg_load_dotenv() {
-    local file="$1/.env" key value
-    [[ -f $file ]] || return 0
-    while IFS='=' read -r key value || [[ -n $key ]]; do
-        key="${key#export }"
-        key="${key//[[:space:]]/}"
-        [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue # blank lines and comments
-        [[ -z ${!key+set} ]] || continue
-        value="${value%$'\r'}"
-        if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
-            value="${BASH_REMATCH[1]}"
-        fi
-        # An empty `WANDB_API_KEY=` copied from .env.example means "no key", not an empty one.
-        if [[ -n $value ]]; then
-            export "$key=$value"
-        fi
-    done <"$file"
-}
 
 # fastseg_default_python DIR: the interpreter for a local run: $PYTHON if set (the job scripts set it),
 # else DIR/.venv/bin/python (what `make venv` builds), else python3 from PATH.
