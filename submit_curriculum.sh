@@ -4,7 +4,8 @@
 #   bash submit_curriculum.sh                                  # teacher, profiles 1..5, then evaluation
 #   bash submit_curriculum.sh --with-student                   # ... then the student's five stages
 #   bash submit_curriculum.sh --profiles 1-3 --experiment-id small --sbatch-args "--time=2:00:00"
-#   bash submit_curriculum.sh --dry-run -- --epochs 50 --lr 5e-4   # print the sbatch commands only
+#   bash submit_curriculum.sh --dry-run -- --curriculum-epochs 40,30,20,15,10   # print the sbatch commands only
+#   bash submit_curriculum.sh --baseline                       # + the A/B: one full-resolution stage, same compute
 #
 # Each teacher stage runs jobscript_slurm.sh (main.sh, train.py) with --previous-model-path auto, so it
 # starts from the best.pth of the stage before. The student (jobscript_slurm_distillation.sh) is taught
@@ -28,6 +29,9 @@ usage: submit_curriculum.sh [options] [-- arguments for train.py / train_distill
   --student-only           train only the student; needs --teacher-model-path
   --teacher-only           train only the teacher (the default)
   --teacher-model-path P   the trained teacher for the student (default: the teacher trained here)
+  --baseline               beside the teacher's curriculum, one stage at its last profile from scratch (a
+                           whole lr decay) whose epochs cost the same training compute: the A/B that says
+                           what the curriculum saves; its run is ID_baseline
   --no-eval                skip the evaluate_efficiency job at the end
   --eval-args "ARGS"       extra arguments for evaluate_efficiency.py
   --sbatch-args "ARGS"     extra sbatch flags for every job, e.g. "--time=12:00:00 --qos=long"
@@ -54,6 +58,7 @@ first_previous=""
 teacher=1
 student=0
 teacher_model=""
+baseline=0
 evaluate=1
 eval_args=""
 sbatch_args=""
@@ -76,6 +81,7 @@ while [[ $# -gt 0 ]]; do
     --student-only) teacher=0; student=1; shift ;;
     --teacher-only) teacher=1; student=0; shift ;;
     --teacher-model-path) need_value "$@"; teacher_model=$2; shift 2 ;;
+    --baseline) baseline=1; shift ;;
     --no-eval) evaluate=0; shift ;;
     --eval-args) need_value "$@"; eval_args=$2; shift 2 ;;
     --sbatch-args) need_value "$@"; sbatch_args=$2; shift 2 ;;
@@ -130,6 +136,8 @@ if [[ -z $first_previous ]]; then
     if [[ $first -eq 1 ]]; then first_previous=none; else first_previous=auto; fi
 fi
 student_id="${experiment_id}_student"
+baseline_id="${experiment_id}_baseline"
+[[ $baseline -eq 0 || $teacher -eq 1 ]] || die "--baseline compares with the teacher's curriculum; drop --student-only"
 
 read -ra extra_sbatch <<<"$sbatch_args"
 read -ra extra_eval <<<"$eval_args"
@@ -206,6 +214,27 @@ if [[ $teacher -eq 1 ]]; then
         training_jobs+=("$submitted")
         best_paths+=("$output_dir/$experiment_id/profile-$k/best.pth")
     done
+fi
+if [[ $baseline -eq 1 ]]; then
+    # Sized from the same settings as the stages (train.py's constants and the arguments after --).
+    # shellcheck source=tools/launch.sh
+    source "$here/tools/launch.sh"
+    baseline_epochs=$("$(fastseg_default_python "$here")" "$here/tools/baseline_epochs.py" \
+        --profiles "${profiles[@]}" -- "${python_args[@]}") || die "could not size the --baseline stage"
+    [[ $dry_run -eq 0 ]] || echo "# baseline: $baseline_epochs epochs at profile $last cost what profiles ${profiles[*]} cost"
+    baseline_args=()  # the stages' arguments less their epochs and decay, which the baseline sets itself
+    for ((i = 0; i < ${#python_args[@]}; i++)); do
+        case ${python_args[i]} in
+        --epochs | --lr-decay | --curriculum-epochs) i=$((i + 1)) ;;
+        --epochs=* | --lr-decay=* | --curriculum-epochs=*) ;;
+        *) baseline_args+=("${python_args[i]}") ;;
+        esac
+    done
+    submit "$experiment_id-baseline-p$last" "" jobscript_slurm.sh \
+        --experiment-id "$baseline_id" --profile "$last" --previous-model-path none \
+        --output-dir "$output_dir" "${data_args[@]}" "${baseline_args[@]}" --epochs "$baseline_epochs" --lr-decay stage
+    training_jobs+=("$submitted")
+    best_paths+=("$output_dir/$baseline_id/profile-$last/best.pth")
 fi
 if [[ $student -eq 1 ]]; then
     for k in "${profiles[@]}"; do

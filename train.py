@@ -206,6 +206,10 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
         filled["epochs"] = args.epochs
         if not args.epochs:
             raise UserError(f"--curriculum-epochs plans 0 epochs for profile {args.profile}; give --epochs")
+    planned = args.curriculum_epochs[args.profile - 1]
+    if args.lr_decay == "curriculum" and args.epochs != planned:
+        say(f"note: this stage trains {args.epochs} epochs where --curriculum-epochs plans {planned}; the one lr "
+            "decay assumes the plan for the other stages (set --curriculum-epochs to change the plan)")
     say(f"recipe {args.recipe}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in filled.items()))
     profile = stage_profile(args.profile, args.resize, args.patch)

@@ -395,6 +395,23 @@ def test_dry_run_prints_the_chain():
     assert subprocess.run(["bash", "-n"], input=done.stdout, text=True).returncode == 0
 
 
+def test_dry_run_sizes_the_baseline_from_the_curriculums_compute():
+    done = dry_run("--experiment-id", "ab", "--baseline", "--", "--curriculum-epochs", "40,30,20,10,10", "--lr", "0.01")
+    assert done.returncode == 0, done.stderr
+    jobs = [line for line in done.stdout.splitlines() if line.startswith("job")]
+    assert len(jobs) == 7  # five stages, the baseline, the evaluation
+    baseline = jobs[5]
+    epochs = int(re.search(r"--epochs (\d+)", baseline).group(1))
+    # Fast-SCNN's compute grows with the pixels of the crop: the budget in profile-5 epochs, by pixel counts.
+    pixels = [448 * 224, 576 * 288, 768 * 384, 1152 * 576, 1536 * 768]
+    by_pixels = sum(e * p for e, p in zip((40, 30, 20, 10, 10), pixels)) / pixels[-1]
+    assert abs(epochs - by_pixels) <= 0.05 * by_pixels, (epochs, by_pixels)
+    assert "--experiment-id ab_baseline --profile 5 --previous-model-path none" in baseline
+    assert "--lr-decay stage" in baseline and "--lr 0.01" in baseline and "--curriculum-epochs" not in baseline
+    assert "--dependency" not in baseline  # beside the curriculum, not after it
+    assert "checkpoints/ab_baseline/profile-5/best.pth" in jobs[6] and ":$job6" in jobs[6]
+
+
 def test_dry_run_continues_a_run_and_rejects_bad_options():
     done = dry_run("--profiles", "3,4", "--experiment-id", "run", "--no-eval")
     assert done.returncode == 0, done.stderr
