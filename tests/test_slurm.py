@@ -243,7 +243,7 @@ def test_several_tasks_run_one_process_each_through_srun(cluster, data, tmp_path
         sbatch_args=("--gpus-per-node=2", "--ntasks-per-node=2"),
     )
     log = Path(finished_ok(cluster, job)["StdOut"]).read_text()
-    assert "srun --kill-on-bad-exit=1" in log
+    assert f"srun --cpus-per-task=1 bash {ROOT}/tools/srun_task.sh bash main.sh" in log
     # Two processes split the four training images: one step of 2 + 2 per epoch instead of two.
     assert "epoch 1/1 step 1/1 " in log and "step 1/2 " not in log, log
     assert [r["epoch"] for r in records(out / "ddp" / "profile-1")] == [1]

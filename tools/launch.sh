@@ -89,9 +89,13 @@ fastseg_rendezvous() {
         "MASTER_PORT=${MASTER_PORT:-unset}"
 }
 
+# This directory, for srun_task.sh: absolute, as srun starts the tasks on other nodes.
+FASTSEG_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
 # fastseg_run_job CMD...: run CMD (with FASTSEG_LAUNCH in front) as the job's payload and return its status.
-# With several tasks (sbatch --ntasks-per-node/--ntasks) it goes through srun, one process per task; the
-# trainer reads SLURM_PROCID/SLURM_NTASKS to set up DistributedDataParallel.
+# With several tasks (sbatch --ntasks-per-node/--ntasks) it goes through srun, one process per task, each
+# started by tools/srun_task.sh (a failed task ends the step); the trainer reads SLURM_PROCID/SLURM_NTASKS and
+# the MASTER_ADDR/MASTER_PORT exported here to set up DistributedDataParallel.
 # `#SBATCH --signal=B:USR1@300` signals only this batch shell, so the signal is passed on to the payload
 # (srun forwards it to every task); the trainer then saves last.pth and exits 75, and the job is requeued
 # with the same arguments, where `--resume auto` continues from last.pth.
@@ -100,11 +104,12 @@ fastseg_rendezvous() {
 fastseg_run_job() {
     local cmd=("${FASTSEG_LAUNCH[@]}" "$@")
     if [[ ${SLURM_NTASKS:-1} -gt 1 ]]; then
-        fastseg_rendezvous
         # Slurm 22.05's srun does not inherit --cpus-per-task from the batch job: pass it on.
-        cmd=(srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "${cmd[@]}")
+        cmd=(srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"}
+            bash "$FASTSEG_TOOLS/srun_task.sh" "${cmd[@]}")
     fi
     echo "job ${SLURM_JOB_ID:-local} on $(hostname) at $(date -Is) (restart ${SLURM_RESTART_COUNT:-0}): ${cmd[*]}"
+    fastseg_rendezvous
 
     FASTSEG_GOT_TERM=0
     "${cmd[@]}" &
