@@ -63,8 +63,9 @@ def submit_stage(
     *python_args: str,
     sbatch_args: tuple[str, ...] = (),
     script: str = "jobscript_slurm.sh",
+    env: dict[str, str] | None = None,
 ) -> str:
-    """sbatch a job script from the project directory, as users do."""
+    """sbatch a job script from the project directory, as users do; ``env`` reaches the job."""
     return cluster.sbatch(
         [
             *SBATCH_ARGS,
@@ -79,6 +80,7 @@ def submit_stage(
             *python_args,
         ],
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -88,13 +90,13 @@ def finished_ok(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     return info
 
 
-def wait_for_training(cluster: SlurmCluster, job_id: str, log: Path) -> None:
+def wait_for_training(cluster: SlurmCluster, job_id: str, log: Path, epochs: int = STOP_TEST_EPOCHS) -> None:
     """Until the first training step is logged: the trainer's signal handler is in place by then.
 
     Polled often: on an idle machine the whole tiny stage lasts about a second, and the signal sent next
     must arrive before it ends (STOP_TEST_EPOCHS leaves room for that, yet stays short on a busy one).
     """
-    pattern = f"epoch 1/{STOP_TEST_EPOCHS} step 1/"
+    pattern = f"epoch 1/{epochs} step 1/"
 
     def found() -> bool:
         if log.is_file() and pattern in log.read_text(errors="replace"):
