@@ -152,7 +152,7 @@ def init_distributed(device: torch.device, info: DistInfo | None = None) -> Dist
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
     if info.is_main:
-        # The rendezvous in the log: a run that hangs here has a rank that cannot reach MASTER_ADDR:MASTER_PORT.
+        # The rendezvous in the log: a run that hangs here has a rank that cannot reach it.
         print(f"process group: world size {info.world_size}, backend {backend}, master "
               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
     return info

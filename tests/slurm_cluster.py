@@ -7,8 +7,9 @@ machine. Commands reach it through ``SLURM_CONF`` (``cluster.env``). Everything 
 exit, running jobs included. The one lasting change: the host's name is added to /etc/hosts when it does
 not resolve, as slurmd needs (and the names of the nodes below where mount namespaces are refused).
 
-``slurm_cluster(nodes=2)`` gives two nodes, ``fastseg-node1`` and ``fastseg-node2``: two slurmd daemons on this
-machine (``slurmd -N <node>``), both at 127.0.0.1, each with its own port, spool directory, pid file and log.
+``slurm_cluster(nodes=2)`` gives two nodes, ``fastseg-node1`` and ``fastseg-node2``: two slurmd daemons on
+this machine (``slurmd -N <node>``), both at 127.0.0.1, each with its own port, spool directory, pid file and
+log.
 Jobs reach the first node by name (MASTER_ADDR), so the slurmd daemons run in a private mount namespace where
 a copy of /etc/hosts also names the nodes; their jobs inherit it and the machine's /etc/hosts is untouched.
 Where namespaces are refused (``unshare`` fails), the names are added to /etc/hosts instead.
@@ -42,7 +43,9 @@ CLIENTS = ("sbatch", "squeue", "sacct", "scontrol", "scancel", "sinfo")
 PARTITION = "gpu_a100"
 # `unshare` arguments that run a command in a private mount namespace with its own /etc/hosts; followed by the
 # hosts file, then the command.
-PRIVATE_HOSTS = ["--mount", "--propagation", "private", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"']
+PRIVATE_HOSTS = [
+    "--mount", "--propagation", "private", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"'
+]  # fmt: skip
 POLL_S = 0.5
 
 # States after which a job will not run again unless it is requeued.
@@ -128,7 +131,8 @@ class SlurmCluster:
     def __init__(self, root: Path, gpus: int = 2, nodes: int = 1) -> None:
         self.root = root
         self.gpus = gpus  # per node
-        self.node = socket.gethostname().split(".")[0]  # the controller's host, and the node of a one-node cluster
+        # The controller's host, and the node of a one-node cluster.
+        self.node = socket.gethostname().split(".")[0]
         self.nodes = [self.node] if nodes == 1 else [f"fastseg-node{i}" for i in range(1, nodes + 1)]
         self.hosts_file: Path | None = None  # /etc/hosts of the slurmd daemons' namespace, when they have one
         self.cpus = os.cpu_count() or 1
@@ -195,7 +199,8 @@ class SlurmCluster:
             (self.root / "spool" / node).mkdir()
         ctld_port, slurmd_ports = _free_port(), [_free_port() for _ in self.nodes]
         node_lines = "\n".join(
-            f"NodeName={node} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} Gres=gpu:{self.gpus} State=UNKNOWN"
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} Gres=gpu:{self.gpus} "
+            "State=UNKNOWN"
             for node, port in zip(self.nodes, slurmd_ports)
         )
         r = self.root
@@ -365,9 +370,8 @@ PartitionName={PARTITION} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFIN
 
         sbatch hands its environment to the job, so ``env`` also reaches the job script.
         """
-        done = subprocess.run(
-            list(argv), env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=timeout
-        )
+        env = {**self.env, **(env or {})}
+        done = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise SlurmError(
                 f"{' '.join(argv)} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"

@@ -77,16 +77,16 @@ fastseg_rendezvous() {
         if hosts="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}")" && [[ -n $hosts ]]; then
             export MASTER_ADDR="${hosts%%$'\n'*}"
         else
-            echo "warning: scontrol could not expand SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'; each task will" \
-                "expand it itself" >&2
+            echo "warning: scontrol could not expand SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}';" \
+                "each task will expand it itself" >&2
         fi
     fi
     if [[ -z ${MASTER_PORT:-} && -n ${SLURM_JOB_ID:-} ]]; then
         MASTER_PORT="$(fastseg_master_port "$SLURM_JOB_ID")"
         export MASTER_PORT
     fi
-    echo "rendezvous resolved on the host ${SLURMD_NODENAME:-$(hostname)}: MASTER_ADDR=${MASTER_ADDR:-unset}" \
-        "MASTER_PORT=${MASTER_PORT:-unset}"
+    echo "rendezvous resolved on the host ${SLURMD_NODENAME:-$(hostname)}:" \
+        "MASTER_ADDR=${MASTER_ADDR:-unset} MASTER_PORT=${MASTER_PORT:-unset}"
 }
 
 # This directory, for srun_task.sh: absolute, as srun starts the tasks on other nodes.
