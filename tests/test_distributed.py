@@ -1,4 +1,5 @@
-"""Real multi-process DDP on CPU (gloo): identical weights on every rank, exact all-reduced validation."""
+"""Real multi-process DDP on CPU (gloo): identical weights on every rank, exact all-reduced validation; and the
+rendezvous under Slurm: the host-list parser, and the port the job scripts and the trainer derive alike."""
 
 from __future__ import annotations
 
