@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from slurm_cluster import slurm_cluster
-from test_slurm import finished_ok, records, submit_stage, wait_for_training
+from test_slurm import JOB_TIMEOUT, finished_ok, records, submit_stage, wait_for_training
 
 from fastseg.checkpoint import load_checkpoint
 from fastseg.distributed import master_port
@@ -166,7 +166,7 @@ FASTSEG_LAUNCH=()
 fastseg_run_job bash -c '[[ $SLURM_PROCID == 1 ]] && exit 3; sleep 300'
 """)
     job = cluster.sbatch([*TWO_NODES, "--cpus-per-task=1", f"--output={out}", str(script)], cwd=tmp_path)
-    info = cluster.wait_finished(job, 60)
+    info = cluster.wait_finished(job, JOB_TIMEOUT)  # well under the 300 s rank 0 would otherwise sleep
     log = out.read_text()
     assert info["JobState"] == "FAILED", cluster.describe(job)
     assert f"task 1 on fastseg-node2 failed (exit 3): ending job step {job}.0" in log, log

@@ -14,6 +14,10 @@ status=$?
 if [[ $status -ne 0 && $status -ne $FASTSEG_REQUEUE_EXIT ]]; then
     echo "task ${SLURM_PROCID:-?} on ${SLURMD_NODENAME:-$(hostname)} failed (exit $status): ending job step" \
         "${SLURM_JOB_ID:-?}.${SLURM_STEP_ID:-?}" >&2
-    scancel --signal=KILL "${SLURM_JOB_ID:-}.${SLURM_STEP_ID:-}" || true
+    # This shell is part of the step and ends with it; a busy controller may time out, so try again.
+    for attempt in 1 2 3; do
+        scancel --signal=KILL "${SLURM_JOB_ID:-}.${SLURM_STEP_ID:-}" && break
+        [[ $attempt -eq 3 ]] || sleep 5
+    done
 fi
 exit "$status"
