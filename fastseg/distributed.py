@@ -1,13 +1,18 @@
 """Process-group set-up for torchrun and srun, and rank-0-only printing.
 
-torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under ``srun`` (one task per GPU) only the
-SLURM_* variables exist: the rank comes from SLURM_PROCID, the master is the first host of the job's node
-list and the port is derived from the job id so that two jobs sharing a node do not collide.
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under ``srun`` (one task per GPU) the rank
+comes from SLURM_PROCID, the master is the first host of the job's node list and the port is derived from the
+job id so that two jobs sharing a node do not collide. The job scripts export MASTER_ADDR/MASTER_PORT on the
+host before they start the tasks (tools/launch.sh), since ``scontrol`` is usually missing inside a container;
+the same rules apply here when a task was started some other way.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -32,15 +37,81 @@ class DistInfo:
         return self.rank == 0
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Slurm's compact host list as host names, in order: what ``scontrol show hostnames`` prints.
+
+    ``gpu[001-004]`` keeps the zero padding (the width of the range's first number), ``a[1-2],b[3,5-6]``
+    joins groups, ``node[1-2]-ib`` keeps text after the brackets, and several bracket groups in one name
+    (``rack[1-2]-node[01-02]``) give every combination, the first group varying slowest. ValueError when
+    the list is malformed.
+    """
+    hosts: list[str] = []
+    for name in _split_names(nodelist):
+        # Alternating text and bracket bodies: "rack[1-2]-n[3]" -> ["rack", "1-2", "-n", "3", ""].
+        pieces = re.split(r"\[([^\[\]]*)\]", name)
+        if any("[" in text or "]" in text for text in pieces[::2]):
+            raise ValueError(f"unbalanced or nested brackets in host list {nodelist!r}")
+        choices = [[text] if i % 2 == 0 else _expand_range(text, nodelist) for i, text in enumerate(pieces)]
+        hosts.extend("".join(parts) for parts in itertools.product(*choices))
+    return hosts
+
+
+def _split_names(nodelist: str) -> list[str]:
+    """Split at commas and spaces outside brackets: "a[1,3],b" -> ["a[1,3]", "b"]."""
+    names, current, depth = [], "", 0
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth == 0 and (char == "," or char.isspace()):
+            names.append(current)
+            current = ""
+        else:
+            current += char
+    names.append(current)
+    return [name for name in names if name]
+
+
+def _expand_range(body: str, nodelist: str) -> list[str]:
+    """The inside of one bracket pair: "001-003,7" -> ["001", "002", "003", "7"]."""
+    values = []
+    for item in body.split(","):
+        low, _, high = item.strip().partition("-")
+        if not re.fullmatch(r"[0-9]+", low) or (high and not re.fullmatch(r"[0-9]+", high)):
+            raise ValueError(f"bad range [{body}] in host list {nodelist!r}")
+        if not high:
+            values.append(low)
+            continue
+        if int(high) < int(low):
+            raise ValueError(f"range {item} goes down in host list {nodelist!r}")
+        values.extend(f"{n:0{len(low)}d}" for n in range(int(low), int(high) + 1))
+    return values
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a job's node list: scontrol's answer when it is on PATH, else expand_hostlist's."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # e.g. no slurm.conf where this runs: the node list itself is enough
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
-        ).stdout
-        return out.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        # Without scontrol a single-host list like "node01" is still usable as is.
-        return nodelist.split(",")[0].split("[")[0]
+        hosts = expand_hostlist(nodelist)
+    except ValueError as exc:
+        raise UserError(f"SLURM_JOB_NODELIST: {exc}; set MASTER_ADDR to the first node's name") from exc
+    if not hosts:
+        raise UserError("SLURM_JOB_NODELIST is empty; set MASTER_ADDR to the first node's name")
+    return hosts[0]
+
+
+def master_port(job_id: str | int | None) -> int:
+    """The rendezvous port of a Slurm job; ``fastseg_master_port`` in tools/launch.sh computes the same.
+
+    From the job id, so two jobs sharing a node (and their tasks) pick different ports; 10000-29999 stays
+    below Linux's ephemeral ports (32768 and up), which outgoing connections may hold at any moment.
+    """
+    return 10000 + int(job_id or 0) % 20000
 
 
 def env_dist_info(env: dict[str, str] | None = None) -> DistInfo:
@@ -75,11 +146,15 @@ def init_distributed(device: torch.device, info: DistInfo | None = None) -> Dist
     if not info.distributed or dist.is_initialized():
         return info
     if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        os.environ["MASTER_ADDR"] = first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        os.environ["MASTER_PORT"] = str(master_port(os.environ.get("SLURM_JOB_ID")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+    if info.is_main:
+        # The rendezvous in the log: a run that hangs here has a rank that cannot reach it.
+        print(f"process group: world size {info.world_size}, backend {backend}, master "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
     return info
 
 

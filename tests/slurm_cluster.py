@@ -1,23 +1,31 @@
-"""A real one-node Slurm on localhost for tests: ``with slurm_cluster() as cluster: cluster.sbatch(...)``.
+"""A real Slurm on localhost for tests: ``with slurm_cluster() as cluster: cluster.sbatch(...)``.
 
 Debian's Slurm 22.05 (``slurmctld``, ``slurmd``, ``slurm-client``, ``munge``; ``tools/install_slurm.sh``) is
 started as root with its configuration, state, spool, logs and munge key in a fresh temporary directory,
 on free TCP ports and a private munge socket, so it cannot clash with a Slurm or munge already on the
 machine. Commands reach it through ``SLURM_CONF`` (``cluster.env``). Everything it started is stopped on
 exit, running jobs included. The one lasting change: the host's name is added to /etc/hosts when it does
-not resolve, as slurmd needs.
+not resolve, as slurmd needs (and the names of the nodes below where mount namespaces are refused).
 
-The node pretends to have GPUs so job scripts asking for ``--gpus=1`` are accepted: a GRES whose ``File=``
+``slurm_cluster(nodes=2)`` gives two nodes, ``fastseg-node1`` and ``fastseg-node2``: two slurmd daemons on
+this machine (``slurmd -N <node>``), both at 127.0.0.1, each with its own port, spool directory, pid file and
+log.
+Jobs reach the first node by name (MASTER_ADDR), so the slurmd daemons run in a private mount namespace where
+a copy of /etc/hosts also names the nodes; their jobs inherit it and the machine's /etc/hosts is untouched.
+Where namespaces are refused (``unshare`` fails), the names are added to /etc/hosts instead.
+
+Each node pretends to have GPUs so job scripts asking for ``--gpus=1`` are accepted: a GRES whose ``File=``
 entries are symlinks to /dev/null (a count-only GRES makes the node INVALID and plain files are refused).
 The partition is ``gpu_a100`` like on the users' cluster; tests lower ``--cpus-per-task`` to fit the machine.
 
-Standalone check: ``python tests/slurm_cluster.py`` starts the cluster, runs a job and stops it.
+Standalone check: ``python tests/slurm_cluster.py`` starts a two-node cluster, runs a job and stops it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -33,6 +41,11 @@ INSTALL_SCRIPT = REPO / "tools" / "install_slurm.sh"
 DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey")
 CLIENTS = ("sbatch", "squeue", "sacct", "scontrol", "scancel", "sinfo")
 PARTITION = "gpu_a100"
+# `unshare` arguments that run a command in a private mount namespace with its own /etc/hosts; followed by the
+# hosts file, then the command.
+PRIVATE_HOSTS = [
+    "--mount", "--propagation", "private", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"'
+]  # fmt: skip
 POLL_S = 0.5
 
 # States after which a job will not run again unless it is requeued.
@@ -80,6 +93,19 @@ def ensure_installed() -> None:
         )
 
 
+def _resolves(name: str) -> bool:
+    try:
+        socket.gethostbyname(name)
+    except OSError:
+        return False
+    return True
+
+
+def _add_to_etc_hosts(names: Sequence[str]) -> None:
+    with open("/etc/hosts", "a") as hosts:
+        hosts.write(f"\n127.0.0.1 {' '.join(names)}\n")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,12 +126,15 @@ def parse_key_values(text: str) -> dict[str, str]:
 
 
 class SlurmCluster:
-    """One slurmctld, one slurmd and one munged, all run from ``root``; see the module docstring."""
+    """One slurmctld, one slurmd per node and one munged, all run from ``root``; see the module docstring."""
 
-    def __init__(self, root: Path, gpus: int = 2) -> None:
+    def __init__(self, root: Path, gpus: int = 2, nodes: int = 1) -> None:
         self.root = root
-        self.gpus = gpus
+        self.gpus = gpus  # per node
+        # The controller's host, and the node of a one-node cluster.
         self.node = socket.gethostname().split(".")[0]
+        self.nodes = [self.node] if nodes == 1 else [f"fastseg-node{i}" for i in range(1, nodes + 1)]
+        self.hosts_file: Path | None = None  # /etc/hosts of the slurmd daemons' namespace, when they have one
         self.cpus = os.cpu_count() or 1
         self.conf = root / "slurm" / "slurm.conf"
         self.log_dir = root / "log"
@@ -165,15 +194,22 @@ class SlurmCluster:
         for i in range(self.gpus):
             (self.root / "dev" / f"gpu{i}").symlink_to("/dev/null")
         gpu_files = f"{self.root}/dev/gpu[0-{self.gpus - 1}]" if self.gpus > 1 else f"{self.root}/dev/gpu0"
-        (slurm / "gres.conf").write_text(f"NodeName={self.node} Name=gpu File={gpu_files}\n")
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        (slurm / "gres.conf").write_text(f"NodeName={','.join(self.nodes)} Name=gpu File={gpu_files}\n")
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir()
+        ctld_port, slurmd_ports = _free_port(), [_free_port() for _ in self.nodes]
+        node_lines = "\n".join(
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} Gres=gpu:{self.gpus} "
+            "State=UNKNOWN"
+            for node, port in zip(self.nodes, slurmd_ports)
+        )
         r = self.root
         self.conf.write_text(
             f"""\
 ClusterName=fastsegtest
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
+SlurmdPort={slurmd_ports[0]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -181,11 +217,12 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket},cred_expire=5
 CredType=cred/munge
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+# %n is the node's name: each slurmd of a several-node cluster keeps its own files.
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
+SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={self.log_dir}/slurmctld.log
-SlurmdLogFile={self.log_dir}/slurmd.log
+SlurmdLogFile={self.log_dir}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -205,19 +242,40 @@ SlurmdParameters=config_overrides
 KillWait=30
 SchedulerParameters=sched_interval=1,bf_interval=1
 MinJobAge=600
+# Job ids, and so the jobs' rendezvous ports (fastseg.distributed.master_port), differ between test clusters
+# running at the same time on one machine.
+FirstJobId={random.randint(1000, 19000)}
 GresTypes=gpu
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Gres=gpu:{self.gpus} State=UNKNOWN
-PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName={PARTITION} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
         )
 
     def _ensure_host_resolves(self) -> None:
-        try:
-            socket.gethostbyname(self.node)
-        except OSError:
-            # slurmd and the clients look the node up by name; a container may not list its own name.
-            with open("/etc/hosts", "a") as hosts:
-                hosts.write(f"\n127.0.0.1 {self.node}\n")
+        # slurmd and the clients look the host up by name; a container may not list its own name.
+        if not _resolves(self.node):
+            _add_to_etc_hosts([self.node])
+
+    def _name_the_nodes(self) -> None:
+        """Make the invented node names resolve to 127.0.0.1 for the jobs (see the module docstring)."""
+        names = [node for node in self.nodes if node != self.node]
+        if not names:
+            return
+        hosts = self.conf.parent / "hosts"
+        hosts.write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {' '.join(names)}\n")
+        unshare = _which("unshare")
+        probe = [unshare, *PRIVATE_HOSTS, str(hosts), "true"] if unshare else None
+        if probe and subprocess.run(probe, capture_output=True).returncode == 0:
+            self.hosts_file = hosts
+        elif unresolved := [name for name in names if not _resolves(name)]:
+            _add_to_etc_hosts(unresolved)
+
+    def _slurmd_argv(self, node: str) -> list[str]:
+        argv = [_which("slurmd") or "slurmd", "-D", "-f", str(self.conf), "-N", node]
+        if self.hosts_file is None:
+            return argv
+        # Jobs are started by slurmd and inherit its namespace, with the node names in its /etc/hosts.
+        return [_which("unshare") or "unshare", *PRIVATE_HOSTS, str(self.hosts_file), *argv]
 
     def start(self, timeout: float = 60.0) -> None:
         self.root.chmod(0o755)  # the munge user must reach its directory inside
@@ -226,10 +284,10 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
         self._write_munge()
         self.wait_until(self._munge_ready, 15, "munged to open its socket", self._diagnostics)
         self._write_slurm_conf()
-        for name, argv in (
-            ("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-c", "-f", str(self.conf)]),
-            ("slurmd", [_which("slurmd") or "slurmd", "-D", "-f", str(self.conf), "-N", self.node]),
-        ):
+        self._name_the_nodes()
+        daemons = [("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-c", "-f", str(self.conf)])]
+        daemons += [(f"slurmd-{node}", self._slurmd_argv(node)) for node in self.nodes]
+        for name, argv in daemons:
             self._procs[name] = subprocess.Popen(
                 argv,
                 env=self.env,
@@ -237,7 +295,9 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
                 stderr=open(self.log_dir / f"{name}.stderr", "wb"),  # noqa: SIM115
                 start_new_session=True,
             )
-        self.wait_until(self._node_idle, timeout, f"node {self.node} to become idle", self._diagnostics)
+        self.wait_until(
+            self._nodes_idle, timeout, f"nodes {','.join(self.nodes)} to become idle", self._diagnostics
+        )
 
     def _check_alive(self) -> None:
         for name, proc in self._procs.items():
@@ -248,21 +308,16 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
         self._check_alive()
         return self.munge_socket.exists()
 
-    def _node_idle(self) -> bool:
+    def _nodes_idle(self) -> bool:
         self._check_alive()
         done = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
-        return done.returncode == 0 and done.stdout.strip().rstrip("*") == "idle"
+        states = [state.rstrip("*") for state in done.stdout.split()]
+        return done.returncode == 0 and states == ["idle"] * len(self.nodes)
 
     def _diagnostics(self) -> str:
         parts = []
-        for name in (
-            "munged.log",
-            "munged.stderr",
-            "slurmctld.log",
-            "slurmctld.stderr",
-            "slurmd.log",
-            "slurmd.stderr",
-        ):
+        slurmd = [f"slurmd-{node}.{ext}" for node in self.nodes for ext in ("log", "stderr")]
+        for name in ("munged.log", "munged.stderr", "slurmctld.log", "slurmctld.stderr", *slurmd):
             path = self.munge_dir / name if name.startswith("munged.log") else self.log_dir / name
             if path.exists():
                 parts.append(f"--- {path}\n{_tail(path)}")
@@ -277,7 +332,7 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
                     lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 45, "jobs to end"
                 )
         self._kill_job_processes()
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{node}" for node in self.nodes), "slurmctld", "munged"]:
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -304,12 +359,19 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
 
     # ---------------------------------------------------------------------------------- commands
     def run(
-        self, argv: Sequence[str], check: bool = True, cwd: Path | str | None = None, timeout: float = 60
+        self,
+        argv: Sequence[str],
+        check: bool = True,
+        cwd: Path | str | None = None,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
-        """Run a command against this cluster (SLURM_CONF set); SlurmError with its output if it fails."""
-        done = subprocess.run(
-            list(argv), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-        )
+        """Run a command against this cluster (SLURM_CONF set, ``env`` added); SlurmError if it fails.
+
+        sbatch hands its environment to the job, so ``env`` also reaches the job script.
+        """
+        env = {**self.env, **(env or {})}
+        done = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise SlurmError(
                 f"{' '.join(argv)} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
@@ -318,9 +380,11 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
 
     _check = run
 
-    def sbatch(self, args: Sequence[str], cwd: Path | str | None = None) -> str:
+    def sbatch(
+        self, args: Sequence[str], cwd: Path | str | None = None, env: dict[str, str] | None = None
+    ) -> str:
         """Submit with ``sbatch --parsable``; returns the job id."""
-        done = self.run(["sbatch", "--parsable", *args], cwd=cwd)
+        done = self.run(["sbatch", "--parsable", *args], cwd=cwd, env=env)
         return done.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -389,14 +453,14 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
 
 
 @contextlib.contextmanager
-def slurm_cluster(gpus: int = 2, keep: bool = False) -> Iterator[SlurmCluster]:
+def slurm_cluster(gpus: int = 2, keep: bool = False, nodes: int = 1) -> Iterator[SlurmCluster]:
     """Install if needed (root), start, yield, stop. ``keep`` leaves the temp dir for a post-mortem."""
     ensure_installed()
     if os.geteuid() != 0:
         raise SlurmUnavailable("the test cluster runs slurmd as root (jobs of any user, munge as `munge`)")
     # Not under pytest's tmp dirs: those are private to root and munged, running as `munge`, must enter.
     root = Path(tempfile.mkdtemp(prefix="fastseg-slurm-"))
-    cluster = SlurmCluster(root, gpus=gpus)
+    cluster = SlurmCluster(root, gpus=gpus, nodes=nodes)
     try:
         cluster.start()
         yield cluster
@@ -407,11 +471,12 @@ def slurm_cluster(gpus: int = 2, keep: bool = False) -> Iterator[SlurmCluster]:
 
 
 if __name__ == "__main__":
-    with slurm_cluster() as c:
+    with slurm_cluster(nodes=2) as c:
         print(c.run(["sinfo"]).stdout)
         out = c.root / "hello.out"
         jid = c.sbatch(
-            ["--gpus=1", "--cpus-per-task=1", f"--output={out}", "--wrap", "echo GPU $CUDA_VISIBLE_DEVICES"]
+            ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1", f"--output={out}", "--wrap",
+             "srun bash -c 'echo $SLURMD_NODENAME GPU $CUDA_VISIBLE_DEVICES $(getent hosts fastseg-node1)'"]
         )
         print(c.wait_finished(jid, 60)["JobState"], out.read_text())
         print(c.run(["sacct", "-c", "-j", jid]).stdout)

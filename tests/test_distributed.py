@@ -1,4 +1,5 @@
-"""Real multi-process DDP on CPU (gloo): identical weights on every rank, exact all-reduced validation."""
+"""Real multi-process DDP on CPU (gloo): identical weights on every rank, exact all-reduced validation; and the
+rendezvous under Slurm: the host-list parser, and the port the job scripts and the trainer derive alike."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from conftest import ROOT, TINY_ARGS
 import train
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
-from fastseg.distributed import env_dist_info
+from fastseg.distributed import env_dist_info, expand_hostlist, first_slurm_host, master_port
 from fastseg.engine import evaluate
+from fastseg.errors import UserError
 from fastseg.models import build_model
 from fastseg.stopping import REQUEUE_EXIT_CODE, StopFlag
 from fastseg.tracking import Progress
@@ -164,3 +166,71 @@ def test_slurm_environment_is_read_for_srun_tasks():
     # The batch script itself (no job step) is one process even in a 4-task allocation.
     assert env_dist_info({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}).world_size == 1
     assert env_dist_info({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank == 1
+
+
+# Expected expansions written out by hand from Slurm's host-list rules (scontrol show hostnames).
+HOSTLISTS = [
+    ("node07", ["node07"]),
+    ("gpu[001-004]", ["gpu001", "gpu002", "gpu003", "gpu004"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),  # no padding: the width of the first number, 1
+    ("x[09-11]", ["x09", "x10", "x11"]),
+    ("n[01-2]", ["n01", "n02"]),
+    ("a[1-2],b[3,5-6]", ["a1", "a2", "b3", "b5", "b6"]),
+    ("n[1-3,07]", ["n1", "n2", "n3", "n07"]),
+    ("n[7]", ["n7"]),
+    ("node[1-2]-ib", ["node1-ib", "node2-ib"]),
+    ("n1-[1-2]", ["n1-1", "n1-2"]),
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ("c[1-2]x,login", ["c1x", "c2x", "login"]),
+    ("a,b c", ["a", "b", "c"]),
+    ("fastseg-node[1-2]", ["fastseg-node1", "fastseg-node2"]),
+    ("", []),
+]
+
+
+@pytest.mark.parametrize(("nodelist", "hosts"), HOSTLISTS)
+def test_slurm_host_lists_expand_like_scontrol(nodelist, hosts):
+    assert expand_hostlist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["n[1-2", "n1-2]", "n[[1]]", "n[3-1]", "n[a-b]", "n[]", "n[1,]"])
+def test_malformed_host_lists_are_refused(nodelist):
+    with pytest.raises(ValueError, match="host list"):
+        expand_hostlist(nodelist)
+
+
+def test_first_host_without_scontrol_comes_from_the_parser(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, as inside a container
+    assert first_slurm_host("gpu[007-009],cpu1") == "gpu007"
+    with pytest.raises(UserError, match="SLURM_JOB_NODELIST.*MASTER_ADDR"):
+        first_slurm_host("gpu[007-")
+
+
+def run_launch_sh(script: str, path: str, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
+    done = subprocess.run(["bash", "-c", f"source {ROOT / 'tools' / 'launch.sh'}; {script}"], capture_output=True,
+                          text=True, env={**base, "PATH": path, **env}, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_job_scripts_derive_the_same_port_and_take_the_first_host_from_scontrol(tmp_path):
+    ids = [0, 1, 9999, 10000, 19999, 20000, 20001, 123456, 67043327, 4294967295]
+    out = run_launch_sh(" ".join(f"fastseg_master_port {i};" for i in ids), os.environ["PATH"])
+    assert [int(p) for p in out.split()] == [master_port(i) for i in ids]
+    assert len({master_port(i) for i in range(1000, 1100)}) == 100  # neighbouring jobs never share a port
+    assert all(10000 <= master_port(i) < 32768 for i in ids)  # below Linux's ephemeral ports
+
+    # A stand-in scontrol that prints one host per line, as the real one does.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[007-008]" ] && '
+                                      'printf "gpu007\\ngpu008\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    show = 'fastseg_rendezvous; echo "[$MASTER_ADDR] [$MASTER_PORT]"'
+    assert run_launch_sh(show, path, **job).splitlines()[-1] == f"[gpu007] [{master_port(123456)}]"
+    # Values given at submission are kept; a single task needs no rendezvous.
+    assert run_launch_sh(show, path, **job, MASTER_ADDR="m", MASTER_PORT="1").splitlines()[-1] == "[m] [1]"
+    assert run_launch_sh(show, path, **{**job, "SLURM_NTASKS": "1"}).splitlines()[-1] == "[] []"

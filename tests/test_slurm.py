@@ -66,8 +66,9 @@ def submit_stage(
     *python_args: str,
     sbatch_args: tuple[str, ...] = (),
     script: str = "jobscript_slurm.sh",
+    env: dict[str, str] | None = None,
 ) -> str:
-    """sbatch a job script from the project directory, as users do."""
+    """sbatch a job script from the project directory, as users do; ``env`` reaches the job."""
     return cluster.sbatch(
         [
             *SBATCH_ARGS,
@@ -82,6 +83,7 @@ def submit_stage(
             *python_args,
         ],
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -91,13 +93,13 @@ def finished_ok(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     return info
 
 
-def wait_for_training(cluster: SlurmCluster, job_id: str, log: Path) -> None:
+def wait_for_training(cluster: SlurmCluster, job_id: str, log: Path, epochs: int = STOP_TEST_EPOCHS) -> None:
     """Until epoch 1 is saved (its line is logged): a requeued run then has a last.pth to resume from.
 
     Polled often: on an idle machine a tiny epoch lasts a fraction of a second, and the signal sent next
     must arrive before the stage ends (STOP_TEST_EPOCHS leaves room for that, yet stays short).
     """
-    pattern = f"epoch 1/{STOP_TEST_EPOCHS}: train loss"
+    pattern = f"epoch 1/{epochs}: train loss"
 
     def found() -> bool:
         if log.is_file() and pattern in log.read_text(errors="replace"):
@@ -247,7 +249,7 @@ def test_several_tasks_run_one_process_each_through_srun(cluster, data, tmp_path
         sbatch_args=("--gpus-per-node=2", "--ntasks-per-node=2"),
     )
     log = Path(finished_ok(cluster, job)["StdOut"]).read_text()
-    assert "srun --kill-on-bad-exit=1" in log
+    assert f"srun --cpus-per-task=1 bash {ROOT}/tools/srun_task.sh bash main.sh" in log
     # Two processes split the four training images: one step of 2 + 2 per epoch instead of two.
     assert "epoch 1/1 step 1/1 " in log and "step 1/2 " not in log, log
     assert [r["epoch"] for r in records(out / "ddp" / "profile-1")] == [1]

@@ -39,9 +39,42 @@ fastseg_select_runtime() {
     echo "runtime: ${FASTSEG_LAUNCH[*]:-host} $PYTHON ($("${FASTSEG_LAUNCH[@]}" "$PYTHON" --version 2>&1))"
 }
 
+# fastseg_master_port JOB_ID: the rendezvous port of a job; master_port in fastseg/distributed.py is the
+# reference (tests/test_distributed.py checks that both agree).
+fastseg_master_port() {
+    echo $((10000 + ${1:-0} % 20000))
+}
+
+# fastseg_rendezvous: for a job of several tasks, export MASTER_ADDR (the job's first node) and MASTER_PORT
+# (from the job id, so two jobs sharing a node do not collide) for torch.distributed, unless already set.
+# Resolved here on the host, where scontrol is: inside a container it is usually missing. apptainer and srun
+# pass the environment on to every task.
+fastseg_rendezvous() {
+    [[ ${SLURM_NTASKS:-1} -gt 1 ]] || return 0
+    if [[ -z ${MASTER_ADDR:-} ]]; then
+        local hosts
+        if hosts="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}")" && [[ -n $hosts ]]; then
+            export MASTER_ADDR="${hosts%%$'\n'*}"
+        else
+            echo "warning: scontrol could not expand SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}';" \
+                "each task will expand it itself" >&2
+        fi
+    fi
+    if [[ -z ${MASTER_PORT:-} && -n ${SLURM_JOB_ID:-} ]]; then
+        MASTER_PORT="$(fastseg_master_port "$SLURM_JOB_ID")"
+        export MASTER_PORT
+    fi
+    echo "rendezvous resolved on the host ${SLURMD_NODENAME:-$(hostname)}:" \
+        "MASTER_ADDR=${MASTER_ADDR:-unset} MASTER_PORT=${MASTER_PORT:-unset}"
+}
+
+# This directory, for srun_task.sh: absolute, as srun starts the tasks on other nodes.
+FASTSEG_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
 # fastseg_run_job CMD...: run CMD (with FASTSEG_LAUNCH in front) as the job's payload and return its status.
-# With several tasks (sbatch --ntasks-per-node/--ntasks) it goes through srun, one process per task; the
-# trainer reads SLURM_PROCID/SLURM_NTASKS to set up DistributedDataParallel.
+# With several tasks (sbatch --ntasks-per-node/--ntasks) it goes through srun, one process per task, each
+# started by tools/srun_task.sh (a failed task ends the step); the trainer reads SLURM_PROCID/SLURM_NTASKS and
+# the MASTER_ADDR/MASTER_PORT exported here to set up DistributedDataParallel.
 # `#SBATCH --signal=B:USR1@300` signals only this batch shell, so the signal is passed on to the payload
 # (srun forwards it to every task); the trainer then saves last.pth and exits 75, and the job is requeued
 # with the same arguments, where `--resume auto` continues from last.pth.
@@ -51,9 +84,11 @@ fastseg_run_job() {
     local cmd=("${FASTSEG_LAUNCH[@]}" "$@")
     if [[ ${SLURM_NTASKS:-1} -gt 1 ]]; then
         # Slurm 22.05's srun does not inherit --cpus-per-task from the batch job: pass it on.
-        cmd=(srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "${cmd[@]}")
+        cmd=(srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"}
+            bash "$FASTSEG_TOOLS/srun_task.sh" "${cmd[@]}")
     fi
     echo "job ${SLURM_JOB_ID:-local} on $(hostname) at $(date -Is) (restart ${SLURM_RESTART_COUNT:-0}): ${cmd[*]}"
+    fastseg_rendezvous
 
     FASTSEG_GOT_TERM=0
     "${cmd[@]}" &
