@@ -27,7 +27,7 @@ LR=5e-3
 
 step() { printf '\n==> %s\n' "$*"; }
 make_data() {
-    "$PYTHON" -m fastseg.synthetic "$DATA_DIR" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" \
+    "$PYTHON" tools/synthetic.py "$DATA_DIR" --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" \
         --width "${IMAGE_SIZE%x*}" --height "${IMAGE_SIZE#*x}"
 }
 # The training flags every stage shares, except where data and checkpoints are (submit_curriculum.sh takes

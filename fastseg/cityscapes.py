@@ -132,7 +132,7 @@ class Sample:
 def _missing_data_dir(data_dir: Path) -> UserError:
     return UserError(
         f"{data_dir}: data directory not found; point --data-dir at a Cityscapes copy (with leftImg8bit/ and "
-        f"gtFine/) or make a synthetic one with `python -m fastseg.synthetic {data_dir}`"
+        f"gtFine/) or make a synthetic one with `python tools/synthetic.py {data_dir}`"
     )
 
 
@@ -147,7 +147,7 @@ def list_samples(data_dir: str | Path, split: str) -> list[Sample]:
     if not image_root.is_dir():
         raise UserError(
             f"{image_root}: no such directory; --data-dir must hold the Cityscapes layout "
-            f"leftImg8bit/{split}/<city>/*{_IMAGE_SUFFIX} (or make one with `python -m fastseg.synthetic`)"
+            f"leftImg8bit/{split}/<city>/*{_IMAGE_SUFFIX} (or make one with `python tools/synthetic.py`)"
         )
     images = sorted(image_root.glob(f"*/*{_IMAGE_SUFFIX}"))
     if not images:

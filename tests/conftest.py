@@ -31,7 +31,7 @@ def _quiet_environment(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """16 train and 4 val synthetic street scenes at 128×64 in the Cityscapes layout."""
-    from fastseg.synthetic import generate
+    from tools.synthetic import generate
 
     root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
     generate(root, train=TRAIN_IMAGES, val=VAL_IMAGES, width=TINY_SIZE[0], height=TINY_SIZE[1], seed=0)

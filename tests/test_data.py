@@ -520,7 +520,7 @@ def test_bad_inputs_name_the_file(cityscapes: Path, breakage, which: str, messag
 
 
 def test_bad_data_dir_and_empty_split(tmp_path: Path, cityscapes: Path):
-    with pytest.raises(UserError, match="python -m fastseg.synthetic") as err:
+    with pytest.raises(UserError, match="python tools/synthetic.py") as err:
         list_samples(tmp_path / "nowhere", "train")
     assert str(tmp_path / "nowhere") in str(err.value)
     with pytest.raises(UserError, match="no such directory"):

@@ -47,7 +47,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from fastseg.synthetic import generate
+    from tools.synthetic import generate
 
     root = tmp_path_factory.mktemp("slurm-data") / "cityscapes"
     generate(root, train=4, val=2, width=128, height=64, seed=0)

@@ -1,0 +1,1 @@
+"""Scripts beside the training code; synthetic.py is also imported by the tests and benchmarks."""
