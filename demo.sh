@@ -23,7 +23,6 @@ TEACHER=${TEACHER:-demo_teacher}
 STUDENT=${STUDENT:-demo_student}
 
 WANDB=${WANDB:-offline}
-LR=5e-3
 
 step() { printf '\n==> %s\n' "$*"; }
 make_data() {
@@ -32,8 +31,9 @@ make_data() {
 }
 # The training flags every stage shares, except where data and checkpoints are (submit_curriculum.sh takes
 # those as its own options).
-stage_flags=(--epochs "$EPOCHS" --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS" --wandb "$WANDB"
-             --lr "$LR" "${STAGE_ARGS[@]}")
+# The default recipe (paper); the curriculum is two stages of $EPOCHS epochs, one lr decay over both.
+stage_flags=(--curriculum-epochs "$EPOCHS,$EPOCHS,0,0,0" --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS"
+             --wandb "$WANDB" "${STAGE_ARGS[@]}")
 common=(--data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" "${stage_flags[@]}")
 
 # `make demo-slurm` (tools/demo_slurm.py) sources this file up to here, so both demos read the same sizes
