@@ -194,7 +194,7 @@ def test_macs_match_the_published_thop_figure_and_plain_state_dicts_need_a_profi
         *("--output", str(tmp_path / "r.json")),
     )
     (row,) = report["results"]
-    assert row["macs"] / 1e9 == pytest.approx(0.565, rel=0.02)  # users' thop figure at 576×288
+    assert abs(row["macs"] / 1e9 - 0.565) < 0.0005  # users' thop figure at 576×288, to its last digit
     assert row["miou"] is None and row["latency_ms"] is None and row["miou_per_gflop"] is None
     assert "| plain.pth | 1 | 288×576 |" in out
 
