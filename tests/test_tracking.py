@@ -228,7 +228,7 @@ def test_wandb_log_failure_mid_run_disables_tracking_once(wandb_env, monkeypatch
 
 
 def test_prediction_panel_puts_image_label_and_prediction_side_by_side():
-    cityscapes = pytest.importorskip("fastseg.cityscapes")
+    from fastseg import cityscapes
     rgb = np.random.default_rng(0).integers(0, 256, size=(8, 12, 3), dtype=np.uint8)
     label = np.zeros((8, 12), dtype=np.uint8)
     label[:, 6:] = 13
@@ -249,7 +249,6 @@ def test_prediction_panel_puts_image_label_and_prediction_side_by_side():
 
 
 def test_val_batch_hook_logs_fixed_images_with_the_next_log(wandb_env, monkeypatch):
-    pytest.importorskip("fastseg.cityscapes")
     logged = []
 
     class _Run:
@@ -287,7 +286,6 @@ def test_val_batch_hook_logs_fixed_images_with_the_next_log(wandb_env, monkeypat
 
 
 def test_images_reach_an_offline_run(wandb_env):
-    pytest.importorskip("fastseg.cityscapes")
     runs = wandb_env / "runs"
     tracker = Tracker(mode="offline", dir=runs)
     labels = torch.randint(0, 19, (2, 4, 6))
