@@ -1,4 +1,5 @@
-"""Fast-SCNN (checkpoint layout, reference output, any input size, aux, folding), MAC counts, build_model."""
+"""Fast-SCNN (checkpoint layout, reference output, any input size, aux, folding), loading wrapped and plain
+state_dicts, MAC counts, build_model."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from fast_scnn import FastSCNN, Model, fold_batchnorm, scaled_channels
-from fastseg.checkpoint import load_weights
+from fastseg.checkpoint import load_checkpoint, load_model, load_weights
 from fastseg.errors import UserError
 from fastseg.flops import count_macs, count_params
 from fastseg.models import ARCHS, build_model
@@ -135,6 +137,53 @@ def test_loading_another_class_count_names_the_keys():
     with pytest.raises(UserError) as info:
         load_weights(FastSCNN(num_classes=7), {"model": state})
     assert "classifier.conv.1.weight" in str(info.value) and "classifier.conv.1.bias" in str(info.value)
+
+
+class _Wrapper(nn.Module):
+    """Holds a model as ``.module``, as DistributedDataParallel does, so its state_dict keys gain ``module.``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` with every float parameter and buffer drawn afresh, BatchNorm statistics included."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if name.endswith("running_var"):
+                value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+            elif value.is_floating_point():
+                value.copy_(torch.randn(value.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("wrap", "prefix"),
+    [
+        (_Wrapper, "module."),
+        (torch.compile, "_orig_mod."),  # compiles lazily: wrapping alone gives the prefixed state_dict
+        (lambda m: torch.compile(_Wrapper(m)), "_orig_mod.module."),
+        (lambda m: _Wrapper(torch.compile(m)), "module._orig_mod."),
+    ],
+)
+def test_prefixed_state_dicts_load_into_a_bare_model(wrap, prefix, tmp_path):
+    model = _randomised(FastSCNN(aux=True), seed=1)
+    prefixed = wrap(model).state_dict()
+    assert set(prefixed) == {prefix + key for key in model.state_dict()}
+    expected = model.state_dict()
+    for layout in (prefixed, {"model": prefixed}, {"state_dict": prefixed}):
+        path = tmp_path / "weights.pth"
+        torch.save(layout, path)
+        assert set(load_checkpoint(path)["model"]) == set(expected)
+        bare = FastSCNN(aux=True)
+        assert not all(torch.equal(bare.state_dict()[k], v) for k, v in expected.items())
+        load_weights(bare, path)
+        loaded, cfg = load_model(path)
+        assert cfg["width_mult"] == 1.0 and cfg["aux"]
+        for got in (bare.state_dict(), loaded.state_dict()):
+            assert all(torch.equal(got[key], value) for key, value in expected.items())
 
 
 @pytest.mark.parametrize("width_mult", [0.5, 2.0])
