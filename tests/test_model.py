@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fast_scnn import FastSCNN, Model, fold_batchnorm, scaled_channels
-from fastseg.checkpoint import load_checkpoint, load_model, load_weights
+from fastseg.checkpoint import infer_config, infer_width_mult, load_checkpoint, load_model, load_weights
 from fastseg.errors import UserError
 from fastseg.flops import count_macs, count_params
 from fastseg.models import ARCHS, build_model
@@ -184,6 +184,38 @@ def test_prefixed_state_dicts_load_into_a_bare_model(wrap, prefix, tmp_path):
         assert cfg["width_mult"] == 1.0 and cfg["aux"]
         for got in (bare.state_dict(), loaded.state_dict()):
             assert all(torch.equal(got[key], value) for key, value in expected.items())
+
+
+@pytest.mark.parametrize("width_mult", [0.3, 0.5, 0.75, 1.0, 1.3, 1.5, 2.0, 3.0])
+def test_plain_state_dict_of_any_width_loads_with_its_width(width_mult, tmp_path):
+    model = _randomised(FastSCNN(width_mult=width_mult), seed=2)
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    loaded, cfg = load_model(path)
+    # The inferred multiplier need not be the one saved, but it must build the same channel widths.
+    widths = [scaled_channels(c, cfg["width_mult"]) for c in (32, 48, 64, 96, 128)]
+    assert widths == [scaled_channels(c, width_mult) for c in (32, 48, 64, 96, 128)]
+    got = loaded.state_dict()
+    assert all(torch.equal(got[key], value) for key, value in model.state_dict().items())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        assert expected.isfinite().all() and torch.equal(loaded(x), expected)
+
+
+def test_width_is_inferred_from_every_layer_not_only_the_first():
+    # 0.3 and 0.5 both give the first layer 16 channels; the widths further in tell them apart.
+    assert infer_width_mult({32: 16, 48: 24, 64: 32, 96: 48, 128: 64}) == 0.5
+    point_three = infer_width_mult({32: 16, 48: 16, 64: 24, 96: 32, 128: 40})  # what 0.3 builds
+    assert [scaled_channels(c, point_three) for c in (32, 48, 64, 96, 128)] == [16, 16, 24, 32, 40]
+    assert infer_width_mult({32: 48, 48: 72, 64: 96, 96: 144, 128: 192}) == 1.5
+    assert infer_width_mult({32: 24, 48: 40, 64: 48, 96: 72, 128: 96}) == 0.75
+    # widths that no multiplier gives are refused with the flag to use
+    assert infer_width_mult({32: 32, 48: 48, 64: 64, 96: 96, 128: 256}) is None
+    state = FastSCNN().state_dict()
+    state["global_feature_extractor.bottleneck3.0.block.2.weight"] = torch.zeros(256, 576, 1, 1)
+    with pytest.raises(UserError, match="match no Fast-SCNN --width-mult"):
+        infer_config(state)
 
 
 @pytest.mark.parametrize("width_mult", [0.5, 2.0])
