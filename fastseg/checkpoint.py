@@ -7,14 +7,15 @@ A checkpoint written by the trainers is a dict::
      "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ..., "step": int}
 
 ``config`` holds every hyperparameter plus ``arch``, ``num_classes``, ``width_mult``, ``aux`` and ``profile``,
-so a checkpoint alone is enough to rebuild its model. Users' older files are a plain ``state_dict`` of the
-default Fast-SCNN (possibly with ``module.`` or ``_orig_mod.`` prefixes); they load too.
+so a checkpoint alone is enough to rebuild its model. Users' older files are a plain ``state_dict`` of a
+Fast-SCNN of any width (possibly with ``module.`` or ``_orig_mod.`` prefixes); they load too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fast_scnn import scaled_channels
 from fastseg.errors import UserError
 
 # Prefixes added by DistributedDataParallel and torch.compile; stripped so every file loads into a bare model.
@@ -125,20 +127,70 @@ def load_checkpoint(path: str | Path, flag: str = "checkpoint") -> dict:
     raise UserError(f"{flag}: {path}: holds no model weights (expected a state_dict or a dict with 'model')")
 
 
+# Fast-SCNN's five channel widths at width_mult 1.0, and a layer of a plain state_dict whose output has each.
+_FAST_SCNN_WIDTHS = (
+    (32, "learning_to_downsample.conv.conv.0.weight"),
+    (48, "learning_to_downsample.dsconv1.conv.3.weight"),
+    (64, "learning_to_downsample.dsconv2.conv.3.weight"),
+    (96, "global_feature_extractor.bottleneck2.0.block.2.weight"),
+    (128, "global_feature_extractor.bottleneck3.0.block.2.weight"),
+)
+
+
+def _smallest_width_mult(base: int, channels: int) -> float:
+    """The smallest ``width_mult`` at which ``scaled_channels(base, width_mult)`` reaches ``channels``."""
+    low, high = 0.0, (channels + 16) / base  # scaled_channels is non-decreasing; at ``high`` it is above
+    for _ in range(100):  # bisection down to float resolution
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        if scaled_channels(base, middle) >= channels:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def infer_width_mult(channels: dict[int, int]) -> float | None:
+    """A ``width_mult`` that gives Fast-SCNN these channel widths (``{width at 1.0: width}``), or None.
+
+    Widths are rounded to multiples of 8, so ``channels / 32`` is not the multiplier (e.g. 0.3 gives 16
+    channels at the first layer, which is 0.5's count, but not 0.5's widths elsewhere). Each layer's width
+    holds for a range of multipliers; the one returned lies in all five: the widest layer's ratio (the least
+    rounded, so the multiplier itself for most) when it fits, else the one with the fewest decimals.
+    """
+
+    def fits(width_mult: float) -> bool:
+        return all(scaled_channels(base, width_mult) == c for base, c in channels.items())
+
+    widest = max(channels)
+    # The smallest multiplier at which every layer is wide enough: it fits whenever any multiplier does.
+    low = max(_smallest_width_mult(base, c) for base, c in channels.items())
+    candidates = [channels[widest] / widest, *(max(math.ceil(low * 10**d), 1) / 10**d for d in range(7)), low]
+    return next((w for w in candidates if fits(w)), None)
+
+
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """Architecture settings of a plain Fast-SCNN state_dict (users' older checkpoints store none)."""
     first = state_dict.get("learning_to_downsample.conv.conv.0.weight")
     head = state_dict.get("classifier.conv.1.weight")
-    if first is None or head is None:
+    layers = [state_dict.get(key) for _, key in _FAST_SCNN_WIDTHS]
+    if first is None or head is None or any(layer is None for layer in layers):
         raise UserError(
             "checkpoint: a plain state_dict that is not Fast-SCNN; save it with this project's trainers "
             "(they store the architecture in the checkpoint)"
         )
+    channels = {base: int(layer.shape[0]) for (base, _), layer in zip(_FAST_SCNN_WIDTHS, layers)}
+    width_mult = infer_width_mult(channels)
+    if width_mult is None:
+        shown = ", ".join(str(c) for c in channels.values())
+        raise UserError(f"checkpoint: a plain state_dict whose channel widths ({shown}) match no Fast-SCNN "
+                        "--width-mult; save it with this project's trainers (they store the width)")
     return {
         "arch": "fast_scnn",
         "num_classes": int(head.shape[0]),
         "in_channels": int(first.shape[1]),
-        "width_mult": float(first.shape[0]) / 32.0,
+        "width_mult": width_mult,
         "aux": any(k.startswith("auxlayer.") for k in state_dict),
     }
 

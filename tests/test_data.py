@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.datasets import Cityscapes
 from torchvision.transforms.v2 import functional as TF
 
 import fastseg.cache
@@ -114,21 +113,32 @@ def consistent(image: np.ndarray, label: np.ndarray, tol: int = 10) -> tuple[int
 # Class table and profiles
 
 
-def test_lookup_table_equals_torchvision_for_every_id():
-    table = {c.id % 256: c for c in Cityscapes.classes}
-    for value in range(256):
-        if value in table:
-            assert ID_TO_TRAIN_ID[value] == table[value].train_id % 256
-            assert VALID_LABEL_IDS[value]
-        else:
-            assert ID_TO_TRAIN_ID[value] == 255
-            assert not VALID_LABEL_IDS[value]
-    trained = sorted((c for c in Cityscapes.classes if 0 <= c.train_id < 255), key=lambda c: c.train_id)
-    assert tuple(c.name for c in trained) == CLASS_NAMES and len(CLASS_NAMES) == NUM_CLASSES == 19
-    for c in trained:
-        assert TRAIN_ID_TO_ID[c.train_id] == c.id
-        assert tuple(TRAIN_ID_COLORS[c.train_id]) == c.color
-    assert tuple(TRAIN_ID_COLORS[255]) == (0, 0, 0)
+# The 19 evaluated classes of the Cityscapes definition (cityscapesScripts' labels.py), typed here from that
+# table: (label id, name), in train-id order 0..18. Every other label id is ignored (train id 255).
+CITYSCAPES_TRAIN_CLASSES = [
+    (7, "road"), (8, "sidewalk"), (11, "building"), (12, "wall"), (13, "fence"), (17, "pole"),
+    (19, "traffic light"), (20, "traffic sign"), (21, "vegetation"), (22, "terrain"), (23, "sky"),
+    (24, "person"), (25, "rider"), (26, "car"), (27, "truck"), (28, "bus"), (31, "train"),
+    (32, "motorcycle"), (33, "bicycle"),
+]
+
+
+def test_lookup_table_follows_the_cityscapes_definition():
+    for label_id, train_id in ((7, 0), (8, 1), (11, 2), (26, 13), (33, 18)):  # road, sidewalk, building, car, bicycle
+        assert ID_TO_TRAIN_ID[label_id] == train_id
+    for label_id in (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30):  # void ids, parking, guard rail, …
+        assert ID_TO_TRAIN_ID[label_id] == 255, label_id
+    # license plate has label id -1, which a uint8 label file stores as 255
+    assert ID_TO_TRAIN_ID[255] == 255 and VALID_LABEL_IDS[255]
+    # exactly 19 label ids map to the train ids 0..18, one each, as typed above
+    trained = {label_id: int(ID_TO_TRAIN_ID[label_id]) for label_id in range(256) if ID_TO_TRAIN_ID[label_id] != 255}
+    assert trained == {label_id: train_id for train_id, (label_id, _) in enumerate(CITYSCAPES_TRAIN_CLASSES)}
+    assert list(CLASS_NAMES) == [name for _, name in CITYSCAPES_TRAIN_CLASSES] and NUM_CLASSES == 19
+    assert [int(TRAIN_ID_TO_ID[t]) for t in range(19)] == [label_id for label_id, _ in CITYSCAPES_TRAIN_CLASSES]
+    # label ids 0..33 (and -1) exist; anything else in a label file is not a Cityscapes id
+    assert VALID_LABEL_IDS[:34].all() and not VALID_LABEL_IDS[34:255].any()
+    assert tuple(TRAIN_ID_COLORS[0]) == (128, 64, 128) and tuple(TRAIN_ID_COLORS[10]) == (70, 130, 180)
+    assert tuple(TRAIN_ID_COLORS[18]) == (119, 11, 32) and tuple(TRAIN_ID_COLORS[255]) == (0, 0, 0)
     ids = np.array([[7, 26], [0, 255]], dtype=np.uint8)
     assert np.array_equal(colorize(ID_TO_TRAIN_ID[ids]), [[(128, 64, 128), (0, 0, 142)], [(0, 0, 0)] * 2])
 

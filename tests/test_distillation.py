@@ -102,6 +102,26 @@ def test_a_teacher_of_another_architecture_works_end_to_end(synthetic_root, tmp_
     assert cfg["teacher"]["arch"] == "lraspp_mobilenet_v3_large" and cfg["arch"] == "fast_scnn"
 
 
+def test_a_wider_fast_scnn_teacher_from_train_py_works_end_to_end(synthetic_root, tmp_path):
+    assert train.main(argv(synthetic_root, tmp_path, "--experiment-id", "wide", "--epochs", "1",
+                           "--width-mult", "2", "--previous-model-path", "none")) == 0
+    wide = tmp_path / "wide" / "profile-1" / "best.pth"
+    teacher_model, teacher_cfg = load_model(wide)
+    assert teacher_cfg["width_mult"] == 2.0
+    assert teacher_model.learning_to_downsample.conv.conv[0].out_channels == 64  # twice the standard 32
+    assert train_distillation.main(argv(synthetic_root, tmp_path, "--experiment-id", "s", "--epochs", "1",
+                                        "--trained-teacher-model-path", str(wide),
+                                        "--previous-student-model-path", "none")) == 0
+    stage = tmp_path / "s" / "profile-1"
+    cfg = json.loads((stage / "config.json").read_text())
+    assert cfg["teacher"]["width_mult"] == 2.0 and cfg["teacher"]["path"] == str(wide)
+    assert cfg["width_mult"] == 1.0 and cfg["arch"] == "fast_scnn"
+    record = json.loads((stage / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["train_kd_loss"] > 0
+    student, _ = load_model(stage / "best.pth")
+    assert student.learning_to_downsample.conv.conv[0].out_channels == 32
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

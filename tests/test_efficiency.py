@@ -75,7 +75,7 @@ def _run(capsys, *argv: str) -> tuple[dict, str]:
 
 
 def _official_evaluation(predictions: list[str], ground_truth: list[str], tmp_path: Path) -> dict:
-    cs = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cs
     args = cs.args
     args.evalInstLevelScore = False  # instance scores need *_instanceIds.png, which are not scored here
     args.evalPixelAccuracy = False
@@ -197,15 +197,17 @@ def test_macs_match_the_published_thop_figure_and_plain_state_dicts_need_a_profi
         *("--output", str(tmp_path / "r.json")),
     )
     (row,) = report["results"]
-    assert row["macs"] / 1e9 == pytest.approx(0.565, rel=0.02)  # users' thop figure at 576×288
+    assert abs(row["macs"] / 1e9 - 0.565) < 0.0005  # users' thop figure at 576×288, to its last digit
     assert row["miou"] is None and row["latency_ms"] is None and row["miou_per_gflop"] is None
     assert "| plain.pth | 1 | 288×576 |" in out
 
 
 def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
     # At 64×128 the pyramid pooling's 6×6 bins do not divide its 2×4 map: the hardest case for an exporter.
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime as ort
+    import onnxscript  # noqa: F401  (the exporter needs it; requirements-dev.txt installs it)
+
     path = tmp_path / "model.onnx"
     report, _ = _run(
         capsys,
@@ -224,6 +226,7 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
     )
     (row,) = report["results"]
     assert row["onnx_path"] == str(path) and row["onnx_latency_ms"] > 0
+    onnx.checker.check_model(str(path), full_check=True)  # a valid ONNX file, not only one onnxruntime reads
     x = torch.randn(1, 3, 64, 128)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (ours,) = session.run(None, {"image": x.numpy()})

@@ -69,11 +69,21 @@ def test_kd_resizes_teacher_to_student_size():
     teacher = _logits(1, 3, 8, 8, seed=8)
     resized = F.interpolate(teacher, size=(4, 4), mode="bilinear", align_corners=False)
     assert kd_loss(student, teacher).item() == pytest.approx(kd_loss(student, resized).item(), rel=1e-6)
-    # labels at the teacher's size are brought to the student's size too
-    target = torch.zeros(1, 8, 8, dtype=torch.long)
-    assert kd_loss(student, teacher, target).item() == pytest.approx(
-        kd_loss(student, resized).item(), rel=1e-6
-    )
+    # Labels at the teacher's size are brought to the student's size too, with nearest. Each label below
+    # becomes a 2×2 block at the teacher's size whose main diagonal holds the label and whose other diagonal
+    # holds another value (255 beside a class, class 3 beside 255): nearest reads the label from either corner
+    # of the diagonal, while an interpolation that blends a block turns the ignored blocks into a class.
+    # The pattern has no symmetry, so a transposed or flipped mask, or one of another size, counts other pixels.
+    at_student = torch.tensor([[[255, 255, 0, 0], [255, 1, 1, 0], [2, 2, 255, 0], [2, 2, 255, 255]]])
+    target = at_student.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    off_diagonal = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 == 1
+    target[:, off_diagonal] = torch.where(target[:, off_diagonal] == 255, 3, 255)
+    assert target[0, :2, :2].tolist() == [[255, 3], [3, 255]] and target[0, 2:4, 2:4].tolist() == [[1, 255], [255, 1]]
+    expected = kd_loss(student, resized, at_student).item()
+    assert kd_loss(student, teacher, target).item() == pytest.approx(expected, rel=1e-6)
+    # the mask matters: without it, or transposed or flipped, the loss differs
+    for other in (None, at_student.transpose(-2, -1), at_student.flip(-1), at_student.flip(-2)):
+        assert kd_loss(student, resized, other).item() != pytest.approx(expected, rel=1e-3)
 
 
 def test_kd_zero_when_student_equals_teacher():
