@@ -65,7 +65,7 @@ LR_SCHEDULE = "poly"  # poly: (1 - step/total)^0.9 after the warm-up; constant: 
 WARMUP_EPOCHS = 0.0  # linear warm-up; useful with sgd and large batches
 WEIGHT_DECAY = 1e-4  # not applied to norm weights, biases and depthwise kernels
 MOMENTUM = 0.9  # sgd only
-AUX = False  # auxiliary head on the 1/8 features (loss weight 0.4); off keeps the users' checkpoint layout
+AUX = False  # auxiliary heads on the 1/8 and 1/32 features (0.4 each); off keeps the users' checkpoint layout
 NUM_WORKERS = 8  # data loader processes per GPU; the cached loader needs few
 SEED = 0
 # ---- rarely changed ----------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def parse_args(argv=None, defaults: dict | None = None, script: str = "train.py"
 
 
 def build_objective(args, device: torch.device, model: nn.Module):
-    """Cross-entropy ignoring unlabelled pixels, plus 0.4 x the auxiliary head's when it is on.
+    """Cross-entropy ignoring unlabelled pixels, plus 0.4 x each auxiliary head's when they are on.
 
     Returns ``(objective, extra config)``; ``objective(model, images, labels) -> (loss, parts)``, where
     ``parts`` maps names (``ce``, ``aux``, ...) to detached scalars that the epoch averages and logs.
