@@ -16,7 +16,8 @@ load with ``load_state_dict(strict=True)``, and the logits equal that implementa
 * with ``aux=True`` there are two auxiliary heads, as in the paper's training recipe (weight 0.4 each):
   ``auxlayer`` on the learning-to-downsample output (1/8), the public layout's only one, and ``auxlayer_gfe``
   on the global feature extractor's output (1/32); ``fastseg.checkpoint.fit_aux_heads`` loads files with
-  either, both or none into a model with or without them.
+  either, both or none into a model with or without them;
+* weights start from He (Kaiming) initialisation, as torchvision's models do, not PyTorch's layer defaults.
 
 This file depends on torch only, so it can be copied on its own into another project.
 """
@@ -250,6 +251,14 @@ class FastSCNN(nn.Module):
     Inputs need at least 3 pixels per side (the first convolution is unpadded, as in the published layout;
     padding it would change the trained checkpoints' outputs). Training needs a batch of at least 2: the
     1×1 pyramid-pooling bin leaves BatchNorm a single value per channel otherwise.
+
+    Fresh weights follow He et al. (2015) with fan_out, as torchvision's classification and segmentation
+    backbones do (BatchNorm weight 1, bias 0; conv biases 0), rather than PyTorch's per-layer defaults; the
+    final 1×1 convs to the classes start at std 0.01, so the first predictions are close to uniform. Behind
+    BatchNorm a conv's weight scale sets only its effective step size, and He fan_out rescales every conv
+    against PyTorch's default (bottleneck projections up to 6× larger, wide depthwise convs up to 8× smaller),
+    so with AdamW the early steps differ: in 40-step CPU runs on the synthetic data (AdamW, lr 1e-2, three
+    seeds) the mIoU after 10 epochs was a quarter to two fifths lower than with the defaults.
     """
 
     def __init__(
@@ -270,6 +279,27 @@ class FastSCNN(nn.Module):
             # Registered in this order so the state_dict lists the published ``auxlayer`` keys first.
             self.auxlayer = auxiliary_head(c[2], c[0], num_classes)
             self.auxlayer_gfe = auxiliary_head(c[4], c[0], num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He (fan_out) initialisation for the convolutions, std 0.01 for those to the classes; BatchNorm to
+        the identity; biases 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # The 1×1 convs to the classes start small, as torchvision's MobileNet classifiers and mmsegmentation's
+        # decode heads do: at He scale the first logits spread over several units and the first loss is far
+        # above ln(classes).
+        heads = [self.classifier.conv[1]]
+        if self.aux:
+            heads += [self.auxlayer[4], self.auxlayer_gfe[4]]
+        for conv in heads:
+            nn.init.normal_(conv.weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]

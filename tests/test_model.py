@@ -61,6 +61,26 @@ def test_state_dict_layout_matches_published_checkpoints(aux):
     assert layout == expected
 
 
+def test_fresh_weights_follow_he_fan_out_init():
+    model = FastSCNN(aux=True)
+    to_classes = {"classifier.conv.1", "auxlayer.4", "auxlayer_gfe.4"}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            w = m.weight
+            expected = (2.0 / (w.shape[0] * w[0, 0].numel())) ** 0.5  # fan_out = out channels × kernel area
+            if name in to_classes:
+                expected = 0.01
+            if w.numel() >= 600:  # enough samples for the standard deviation to be within 10 %
+                assert w.std().item() == pytest.approx(expected, rel=0.1), name
+            assert m.bias is None or not m.bias.any(), name
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            assert (m.weight == 1).all() and not m.bias.any(), name
+    # The first prediction is close to uniform: the loss starts near ln(classes).
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(2, 3, 64, 128))
+    assert logits.std().item() < 0.1
+
+
 def test_model_alias_and_parameter_count():
     assert Model is FastSCNN
     assert count_params(FastSCNN()) == 1_138_051
