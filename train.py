@@ -110,7 +110,7 @@ def parse_args(argv=None, defaults: dict | None = None, script: str = "train.py"
 
 
 def build_objective(args, device: torch.device, model: nn.Module):
-    """Cross-entropy ignoring unlabelled pixels, plus 0.4 x the auxiliary head's when it is on.
+    """Cross-entropy ignoring unlabelled pixels, plus 0.4 x each auxiliary head's when they are on.
 
     Returns ``(objective, extra config)``; ``objective(model, images, labels) -> (loss, parts)``, where
     ``parts`` maps names (``ce``, ``aux``, ...) to detached scalars that the epoch averages and logs.

@@ -191,7 +191,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         "num_classes": int(head.shape[0]),
         "in_channels": int(first.shape[1]),
         "width_mult": width_mult,
-        "aux": any(k.startswith("auxlayer.") for k in state_dict),
+        "aux": any(k.startswith(AUX_PREFIXES) for k in state_dict),
     }
 
 
@@ -234,12 +234,14 @@ def model_config(ckpt: dict) -> dict:
     cfg = infer_config(ckpt["model"]) if not stored.get("arch") else {}
     cfg.update({k: v for k, v in stored.items()})
     if "aux" not in stored and cfg.get("arch") == "fast_scnn":
-        cfg["aux"] = any(k.startswith("auxlayer.") for k in ckpt["model"])
+        cfg["aux"] = any(k.startswith(AUX_PREFIXES) for k in ckpt["model"])
     return cfg
 
 
-# Auxiliary heads are training aids: a checkpoint loads into a model with or without them.
-AUX_PREFIXES = ("auxlayer.", "aux_classifier.")
+# Auxiliary heads are training aids: a checkpoint loads into a model with or without them. Fast-SCNN's are
+# ``auxlayer`` (1/8 features; the only one in older runs and the public layout) and ``auxlayer_gfe`` (1/32),
+# torchvision's ``aux_classifier``.
+AUX_PREFIXES = ("auxlayer.", "auxlayer_gfe.", "aux_classifier.")
 
 
 def fit_aux_heads(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -319,7 +321,11 @@ def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
-    """Build the checkpoint's architecture, load it strictly, and return ``(model in eval mode, config)``."""
+    """Build the checkpoint's architecture, load it, and return ``(model in eval mode, config)``.
+
+    Strict except for the auxiliary heads, which eval mode never runs: a file from a run with one Fast-SCNN
+    head fits the two-head model that its ``aux`` setting now builds.
+    """
     from fastseg.models import build_model
 
     ckpt = load_checkpoint(path, flag)
@@ -330,5 +336,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str =
         aux=bool(cfg.get("aux", False)),
         width_mult=float(cfg.get("width_mult", 1.0)),
     )
-    load_weights(model, ckpt, flag=flag, where=path)
+    load_weights(model, {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}, flag=flag, where=path)
     return model.to(device).eval(), cfg

@@ -80,7 +80,8 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--width-mult", type=_positive_float, default=d["width_mult"],
                    help="channel width of Fast-SCNN (1.0 is the standard, checkpoint-compatible layout)")
     g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=d["aux"],
-                   help="auxiliary heads during training (loss weight 0.4 each); checkpoints load with or without")
+                   help="auxiliary heads during training, weight 0.4 each (Fast-SCNN: on the 1/8 and 1/32 "
+                        "features)")
     g.add_argument("--previous-model-path", default=d["previous_model_path"],
                    help="weights to start from: none, a .pth path, or auto (best.pth of the previous profile)")
 

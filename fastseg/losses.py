@@ -1,4 +1,4 @@
-"""Training losses: cross-entropy with the auxiliary head, and knowledge distillation.
+"""Training losses: cross-entropy with the auxiliary heads, and knowledge distillation.
 
 Every loss here is a mean over valid pixels, so its size does not depend on the resolution of the
 curriculum stage. An earlier KD term summed over pixels and divided by the batch grew from about 8·10^4 at
@@ -20,11 +20,11 @@ from fastseg.errors import UserError
 Output = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 
-def _split(output: Output) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Main logits and, when the model returned them, auxiliary logits."""
+def _split(output: Output) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Main logits and the auxiliary logits that the model returned after them (none, one or several)."""
     if isinstance(output, (tuple, list)):
-        return output[0], (output[1] if len(output) > 1 else None)
-    return output, None
+        return output[0], tuple(output[1:])
+    return output, ()
 
 
 def _resize_like(logits: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
@@ -54,10 +54,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
 
 class SegmentationLoss:
-    """Cross-entropy on the main logits plus ``aux_weight`` × cross-entropy on the auxiliary logits.
+    """Cross-entropy on the main logits plus ``aux_weight`` × the sum of the auxiliary logits' cross-entropies.
 
-    Called as ``loss_fn(output, target)`` where ``output`` is the logits tensor or ``(main, aux)``.
-    Returns ``(loss, {"ce": main CE, "aux": aux CE (only with an aux output)})``.
+    Called as ``loss_fn(output, target)`` where ``output`` is the logits tensor or ``(main, aux1, ...)``:
+    Fast-SCNN with ``aux`` returns two auxiliary outputs, torchvision's models one. Each head has the full
+    weight, as in the published recipes (0.4 each), so a second head adds to the loss rather than sharing it.
+    Returns ``(loss, {"ce": main CE, "aux": sum of the aux CEs})``, so that ``loss = ce + aux_weight · aux``;
+    ``aux`` is there only when the model returned auxiliary outputs. With two heads it is about twice what
+    a run with one head logged.
     """
 
     def __init__(self, aux_weight: float = 0.4, ignore_index: int = 255):
@@ -71,8 +75,8 @@ class SegmentationLoss:
         ce = cross_entropy(main, target, self.ignore_index)
         parts = {"ce": ce.detach()}
         loss = ce
-        if aux is not None:
-            aux_ce = cross_entropy(aux, target, self.ignore_index)
+        if aux:
+            aux_ce = sum(cross_entropy(logits, target, self.ignore_index) for logits in aux)
             parts["aux"] = aux_ce.detach()
             loss = loss + self.aux_weight * aux_ce
         return loss, parts
@@ -129,9 +133,10 @@ class DistillationLoss:
     """``(1 − α)·(CE + aux_weight·aux CE) + α·KD + cwd_weight·CWD``.
 
     Called as ``loss_fn(student_output, teacher_logits, target)``; ``student_output`` is the logits tensor
-    or ``(main, aux)``, and the KD and CWD terms use the main logits. Returns ``(total, parts)`` where
-    ``parts`` has ``ce`` (main CE), ``kd``, ``aux`` when the student has an aux output, and ``cwd`` when
-    ``cwd_weight > 0``.
+    or ``(main, aux1, ...)``, and the KD and CWD terms use the main logits (the teacher's too, when it
+    returns a tuple). ``aux CE`` is the sum over the auxiliary outputs, as in ``SegmentationLoss``. Returns
+    ``(total, parts)`` where ``parts`` has ``ce`` (main CE), ``kd``, ``aux`` when the student has auxiliary
+    outputs, and ``cwd`` when ``cwd_weight > 0``.
     """
 
     def __init__(

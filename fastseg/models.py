@@ -1,7 +1,8 @@
 """Every architecture the trainers can build, behind one call: ``build_model(arch, ...)``.
 
 All of them take a normalised N×3×H×W batch and return N×classes×H×W logits. In training mode, a model built
-with ``aux=True`` returns ``(main, aux)`` instead, both N×classes×H×W, for the auxiliary loss.
+with ``aux=True`` returns ``(main, aux1, ...)`` instead, all N×classes×H×W, for the auxiliary losses: two
+auxiliary outputs for Fast-SCNN (1/8 and 1/32 features), one for torchvision's models.
 
 * ``fast_scnn``: the student (``fast_scnn.FastSCNN``); the only one ``width_mult`` applies to.
 * torchvision's segmentation models, e.g. as larger teachers, built from scratch (``weights=None,

@@ -159,6 +159,37 @@ def test_segmentation_loss_adds_weighted_aux():
     assert "aux" not in plain_parts
 
 
+def test_segmentation_loss_adds_every_aux_output_at_full_weight():
+    # Fast-SCNN with aux returns (main, 1/8 head, 1/32 head); the recipe weighs each head 0.4.
+    main, aux1, aux2 = (_logits(2, 4, 3, 3, seed=s) for s in (25, 26, 27))
+    target = torch.randint(0, 4, (2, 3, 3), generator=torch.Generator().manual_seed(28))
+    target[1, 0, 2] = 255
+    ce_main, ce_aux1, ce_aux2 = (F.cross_entropy(x, target, ignore_index=255) for x in (main, aux1, aux2))
+    for output in ((main, aux1, aux2), [main, aux1, aux2]):
+        loss, parts = SegmentationLoss(aux_weight=0.4)(output, target)
+        assert loss.item() == pytest.approx((ce_main + 0.4 * (ce_aux1 + ce_aux2)).item(), rel=1e-6)
+        assert set(parts) == {"ce", "aux"}
+        assert parts["ce"].item() == pytest.approx(ce_main.item(), rel=1e-6)
+        assert parts["aux"].item() == pytest.approx((ce_aux1 + ce_aux2).item(), rel=1e-6)  # the sum
+    # The order of the auxiliary outputs does not matter; the main one is always first.
+    swapped, _ = SegmentationLoss(aux_weight=0.4)((main, aux2, aux1), target)
+    assert swapped.item() == pytest.approx(loss.item(), rel=1e-6)
+    no_weight, _ = SegmentationLoss(aux_weight=0.0)((main, aux1, aux2), target)
+    assert no_weight.item() == pytest.approx(ce_main.item(), rel=1e-6)
+
+
+def test_segmentation_loss_backpropagates_into_every_head():
+    outputs = [_logits(2, 4, 3, 3, seed=s).requires_grad_() for s in (29, 30, 31)]
+    target = torch.randint(0, 4, (2, 3, 3), generator=torch.Generator().manual_seed(32))
+    loss, _ = SegmentationLoss(aux_weight=0.4)(tuple(outputs), target)
+    loss.backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in outputs)
+    # d loss / d aux = 0.4 × d CE / d aux: the aux gradients are 0.4 × those of the same logits as main.
+    main_only = outputs[1].detach().clone().requires_grad_()
+    cross_entropy(main_only, target).backward()
+    torch.testing.assert_close(outputs[1].grad, 0.4 * main_only.grad)
+
+
 def _cwd_reference(student, teacher, temperature):
     s, t = student.double().numpy(), teacher.double().numpy()
     n, c = s.shape[:2]
@@ -200,6 +231,15 @@ def test_distillation_loss_combines_terms():
 
     only_ce, _ = DistillationLoss(alpha=0.0)(student, teacher, target)
     assert only_ce.item() == pytest.approx(ce.item(), rel=1e-6)
+
+    # A student with two auxiliary outputs (Fast-SCNN with aux); the teacher returned a tuple too.
+    aux2 = _logits(2, 4, 3, 3, seed=33)
+    ce_aux2 = F.cross_entropy(aux2, target, ignore_index=255)
+    total, parts = DistillationLoss(alpha=0.3, temperature=2.0)((student, aux, aux2), (teacher, aux2), target)
+    expected = 0.7 * (ce + 0.4 * (ce_aux + ce_aux2)) + 0.3 * kd
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert set(parts) == {"ce", "aux", "kd"}
+    assert parts["aux"].item() == pytest.approx((ce_aux + ce_aux2).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from fast_scnn import FastSCNN, Model, fold_batchnorm, scaled_channels
-from fastseg.checkpoint import infer_config, infer_width_mult, load_checkpoint, load_model, load_weights
+from fastseg.checkpoint import (
+    fit_aux_heads,
+    infer_config,
+    infer_width_mult,
+    load_checkpoint,
+    load_model,
+    load_weights,
+)
 from fastseg.errors import UserError
 from fastseg.flops import count_macs, count_params
 from fastseg.models import ARCHS, build_model
@@ -46,12 +53,43 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The 1/32 head that the public layout lacks: 128 -> 32 channels (3×3), then 32 -> 19 classes.
+GFE_HEAD = {
+    "auxlayer_gfe.0.weight": [32, 128, 3, 3],
+    "auxlayer_gfe.1.weight": [32], "auxlayer_gfe.1.bias": [32],
+    "auxlayer_gfe.1.running_mean": [32], "auxlayer_gfe.1.running_var": [32],
+    "auxlayer_gfe.1.num_batches_tracked": [],
+    "auxlayer_gfe.4.weight": [19, 32, 1, 1], "auxlayer_gfe.4.bias": [19],
+}
+
+
 @pytest.mark.parametrize("aux", [False, True])
 def test_state_dict_layout_matches_published_checkpoints(aux):
     layout = {k: list(v.shape) for k, v in FastSCNN(aux=aux).state_dict().items()}
-    expected = reference_layout(aux)
+    # Without aux: exactly the users' checkpoints. With aux: those with the 1/8 head, then the 1/32 head.
+    expected = {**reference_layout(aux), **(GFE_HEAD if aux else {})}
     assert list(layout) == list(expected)
     assert layout == expected
+
+
+def test_fresh_weights_follow_he_fan_out_init():
+    model = FastSCNN(aux=True)
+    to_classes = {"classifier.conv.1", "auxlayer.4", "auxlayer_gfe.4"}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            w = m.weight
+            expected = (2.0 / (w.shape[0] * w[0, 0].numel())) ** 0.5  # fan_out = out channels × kernel area
+            if name in to_classes:
+                expected = 0.01
+            if w.numel() >= 600:  # enough samples for the standard deviation to be within 10 %
+                assert w.std().item() == pytest.approx(expected, rel=0.1), name
+            assert m.bias is None or not m.bias.any(), name
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            assert (m.weight == 1).all() and not m.bias.any(), name
+    # The first prediction is close to uniform: the loss starts near ln(classes).
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(2, 3, 64, 128))
+    assert logits.std().item() < 0.1
 
 
 def test_model_alias_and_parameter_count():
@@ -77,11 +115,25 @@ def test_output_is_input_size(hw):
     assert torch.isfinite(out).all()
 
 
-def test_aux_output_only_in_training():
+def test_aux_outputs_only_in_training():
     model = FastSCNN(num_classes=5, aux=True)
     x = torch.randn(2, 3, 97, 131)
-    main, aux = model.train()(x)
-    assert main.shape == aux.shape == (2, 5, 97, 131)
+    out = model.train()(x)
+    assert isinstance(out, tuple) and len(out) == 3
+    main, aux1, aux2 = out
+    assert main.shape == aux1.shape == aux2.shape == (2, 5, 97, 131)
+    # The order is (main, 1/8 head, 1/32 head): raising one head's last bias moves its own output only.
+    model.eval()
+    model.training = True  # forward returns the tuple; dropout and BatchNorm stay in eval mode, deterministic
+    last_bias = [model.classifier.conv[1].bias, model.auxlayer[4].bias, model.auxlayer_gfe[4].bias]
+    with torch.no_grad():
+        before = model(x)
+        for index, bias in enumerate(last_bias):
+            saved = bias.clone()  # b + 1 - 1 need not give b back in floating point
+            bias.add_(1.0)
+            after = model(x)
+            bias.copy_(saved)
+            assert [not torch.equal(b, a) for b, a in zip(before, after)] == [i == index for i in range(3)]
     with torch.no_grad():
         out = model.eval()(x)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 97, 131)
@@ -124,10 +176,41 @@ def test_channels_last_matches_contiguous():
 
 def test_every_parameter_gets_a_gradient():
     model = FastSCNN(num_classes=4, aux=True).train()
-    main, aux = model(torch.randn(2, 3, 64, 96))
-    (main.square().mean() + aux.square().mean()).backward()
+    sum(out.square().mean() for out in model(torch.randn(2, 3, 64, 96))).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def _checkpoint_with_heads(heads: str) -> dict[str, torch.Tensor]:
+    """A state_dict with no auxiliary head, the 1/8 one only (runs before the 1/32 head existed), or both."""
+    torch.manual_seed(1)  # not the seed of the models it is loaded into, so every weight differs
+    state = FastSCNN(aux=heads != "none").state_dict()
+    if heads == "auxlayer":
+        state = {k: v for k, v in state.items() if not k.startswith("auxlayer_gfe.")}
+    return state
+
+
+@pytest.mark.parametrize("aux", [False, True])
+@pytest.mark.parametrize("heads", ["none", "auxlayer", "both"])
+def test_checkpoint_with_any_heads_loads_with_or_without_aux(heads, aux):
+    state = _checkpoint_with_heads(heads)
+    model = FastSCNN(aux=aux)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_weights(model, {"model": fit_aux_heads(model, state)})  # strict: every key of the model, no other
+    for key, value in model.state_dict().items():  # the file's weights where it has them, fresh heads otherwise
+        assert torch.equal(value, state[key] if key in state else fresh[key]), key
+
+
+@pytest.mark.parametrize("stored_config", [True, False])
+def test_load_model_fits_a_one_head_file_into_the_two_head_model(tmp_path, stored_config):
+    # An older run trained with --aux (one head): its config says aux, which now builds both heads.
+    state = _checkpoint_with_heads("auxlayer")
+    config = {"arch": "fast_scnn", "num_classes": 19, "width_mult": 1.0, "aux": True}
+    torch.save({"model": state, "config": config} if stored_config else state, tmp_path / "old.pth")
+    model, cfg = load_model(tmp_path / "old.pth")
+    assert cfg["aux"] and hasattr(model, "auxlayer_gfe") and not model.training
+    assert torch.equal(model.auxlayer[0].weight, state["auxlayer.0.weight"])
+    assert torch.equal(model.classifier.conv[1].weight, state["classifier.conv.1.weight"])
 
 
 def test_loading_another_class_count_names_the_keys():
