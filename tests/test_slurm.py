@@ -28,10 +28,10 @@ from fastseg.checkpoint import load_checkpoint
 SBATCH_ARGS = ["--cpus-per-task=1"]
 # Two images per batch on four training images: two steps per epoch, a few seconds per stage.
 PYTHON_ARGS = [*TINY_ARGS, "--batch-size", "2"]
-JOB_TIMEOUT = 180
+JOB_TIMEOUT = 300
 # Epochs of the stages stopped by a signal: long enough for the signal to land after epoch 1 is saved
 # and before the last one ends.
-STOP_TEST_EPOCHS = 30
+STOP_TEST_EPOCHS = 12
 
 
 @pytest.fixture(scope="module")
