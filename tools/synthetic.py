@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/synthetic.py` finds fastseg
 
-from fastseg.data import CLASS_NAMES, ID_TO_TRAIN_ID, TRAIN_ID_TO_ID  # noqa: E402
+from fastseg.cityscapes import CLASS_NAMES, ID_TO_TRAIN_ID, TRAIN_ID_TO_ID  # noqa: E402
 from fastseg.errors import UserError, run_cli  # noqa: E402
 
 VERSION = 2  # raised when the same parameters start giving other pixels; older datasets are then refused
