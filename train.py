@@ -171,7 +171,7 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoc
             if diverged:
                 raise NonFiniteLoss(f"training loss became {float(sums['loss'])} by epoch {epoch + 1} step "
                                     f"{step + 1}; lower --lr or use --amp bf16/off; the last good checkpoint is kept")
-            if stopping:
+            if stopping and steps < len(loader):  # at the last step the epoch is whole: validate and save it
                 return None
     elapsed = time.perf_counter() - t0
     record = {"train_loss" if name == "loss" else f"train_{name}_loss":

@@ -121,6 +121,8 @@ def _signalled_rank(rank: int, world: int, port: int, argv: list[str], where: st
         objective, extra = train.build_objective(args, device, model)
 
         def counted(m, images, labels):
+            if not torch.is_grad_enabled():  # the one-off count of a step's FLOPs
+                return objective(m, images, labels)
             steps.append(len(steps) + 1)
             if rank == 1 and where == "step" and len(steps) == 5:
                 os.kill(os.getpid(), signal.SIGUSR1)
