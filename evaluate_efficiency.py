@@ -160,7 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-overlays", default=d["save_overlays"], metavar="DIR",
                    help="colour overlays of the predictions on the images (kept apart from the label-id PNGs)")
     p.add_argument("--export-onnx", default=d["export_onnx"], metavar="PATH",
-                   help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime if installed")
+                   help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime "
+                   "if installed")
     args = p.parse_args(argv)
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -269,9 +270,12 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, list] | None]:
     teacher scored at the student's profile (None where the teacher's file is not there).
     """
     if args.compare is None:
-        paths = report.expand_checkpoint_paths(args.current_model_path)
         profiles = requested_profiles(args.profile) or [None]
-        return [read_job(path, args, "--current-model-path", k) for path in paths for k in profiles], None
+        jobs = []
+        for path in report.expand_checkpoint_paths(args.current_model_path):
+            job = read_job(path, args, "--current-model-path", profiles[0])  # each file is read once
+            jobs += [job] + [dataclasses.replace(job, profile=get_profile(k)) for k in profiles[1:]]
+        return jobs, None
 
     student_glob, twin_glob = args.compare
     students = [read_job(p, args, "--compare") for p in report.expand_checkpoint_paths([student_glob], "--compare")]
@@ -297,8 +301,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, list] | None]:
     for student in students:
         teacher = Path(report.teacher_path(student.config))
         if not teacher.is_file():
-            print(f"note: {student.path} was distilled from {teacher}, which is not there (relative paths are "
-                  "read from here); its teacher column stays empty", file=sys.stderr, flush=True)
+            print(f"note: {student.path} was distilled from {teacher}, which is not there (a relative path is read "
+                  "from the current directory); its teacher column stays empty", file=sys.stderr, flush=True)
             teachers.append(None)
             continue
         # The teacher at the student's input size: what it offered the student at that stage.
@@ -349,7 +353,9 @@ def accuracy(model, job: Job, label: str, args, device, prediction_dir, overlay_
     )
     if args.tta:
         print(f"{label}: accuracy with multi-scale + flip augmentation", file=sys.stderr, flush=True)
-        fields.update(measure.evaluate_tta(model, loader, device, NUM_CLASSES, progress=_progress(f"TTA, profile {k}")))
+        fields.update(
+            measure.evaluate_tta(model, loader, device, NUM_CLASSES, progress=_progress(f"TTA, profile {k}"))
+        )
     if job.last is not None:
         fields["epoch_last"] = job.epoch_last
         if job.epoch_last == job.epoch:  # best.pth was saved at the last epoch: the same weights

@@ -412,9 +412,8 @@ def test_edited_constants_reach_evaluate_efficiency_sh(checkpoints, tmp_path):
     # As users work: edit the constants in evaluate_efficiency.py, run the wrapper with a few flags of their own.
     checkpoint = checkpoints / "baseline" / "profile-1" / "best.pth"
     output = tmp_path / "edited" / "report.json"
-    project = edited_project(
-        tmp_path, "evaluate_efficiency.py", {"CURRENT_MODEL_PATH": repr((str(checkpoint),)), "OUTPUT": repr(str(output))}
-    )
+    edits = {"CURRENT_MODEL_PATH": repr((str(checkpoint),)), "OUTPUT": repr(str(output))}
+    project = edited_project(tmp_path, "evaluate_efficiency.py", edits)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(
         ["bash", "evaluate_efficiency.sh", "--device", "cpu", "--runs", "2", "--warmup", "0", "--skip-accuracy"],
@@ -428,7 +427,7 @@ def test_edited_constants_reach_evaluate_efficiency_sh(checkpoints, tmp_path):
     assert "setting: runs = 2 " in done.stderr
     for key in ("current_model_path", "output", "plots", "data_dir", "batch_size"):  # the wrapper added none
         assert f"setting: {key} =" not in done.stderr, done.stderr
-    assert not (project / "results").exists()  # the constant replaced, not added to
+    assert not (project / "results").exists()  # the edited OUTPUT was used, not the original one
 
 
 def test_profiles_are_single_lists_or_ranges():
@@ -545,7 +544,8 @@ def test_accuracy_against_training_compute_of_real_stages(synthetic_root, tmp_pa
     rows = {row["checkpoint"]: row for row in report_["results"]}
     assert set(rows) == {"profile-1/best.pth", "profile-2/best.pth"}
     for name, row in rows.items():
-        (line,) = [json.loads(line) for line in (out / "a" / name).with_name("metrics.jsonl").read_text().splitlines()]
+        log = (out / "a" / name).with_name("metrics.jsonl")
+        (line,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert row["epoch"] == row["epoch_last"] == line["epoch"] == 1
         assert row["cum_train_tflop"] == line["cum_train_tflop"] > 0
         assert row["miou_last"] == row["miou"]  # best.pth is the last epoch's: scored once
@@ -592,9 +592,10 @@ def test_training_compute_plot_draws_one_line_per_run(tmp_path):
 
 def test_one_checkpoint_at_several_profiles(synthetic_root, checkpoints, tmp_path, capsys):
     plots = tmp_path / "plots"
+    checkpoint = str(checkpoints / "baseline" / "profile-1" / "best.pth")
     report_, out = _run(
-        capsys, "--data-dir", str(synthetic_root), "--current-model-path", str(checkpoints / "baseline/profile-1/best.pth"),
-        "--profile", "1-2", "--skip-speed", "--output", "r.json", "--plots", str(plots),
+        capsys, "--data-dir", str(synthetic_root), "--current-model-path", checkpoint, "--profile", "1-2",
+        "--skip-speed", "--output", "r.json", "--plots", str(plots),
     )
     rows = report_["results"]
     # Each profile's own size, not the size stored in the checkpoint (its stage was trained at 128×64).
