@@ -124,19 +124,20 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     return p
 
 
-def report_overrides(args: argparse.Namespace, defaults: dict[str, Any], script: str) -> dict[str, Any]:
+def report_overrides(args: argparse.Namespace, defaults: dict[str, Any], script: str, file=None) -> dict[str, Any]:
     """Print (and return) each setting whose value differs from the script's constant, and where it came from.
 
     Only the command line can change a setting (the wrappers add nothing of their own), so a run whose log
-    shows no such line ran exactly the constants in the file.
+    shows no such line ran exactly the constants in the file. ``file`` is where to print (default stdout; a
+    script whose stdout is its result, such as a table, prints them to stderr).
     """
     changed = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]
                and not (isinstance(v, tuple) and v == tuple(defaults[k]))}
     for key, value in sorted(changed.items()):
         print(f"setting: {key} = {value!r} (from the command line; the constant {key.upper()} is "
-              f"{defaults[key]!r})", flush=True)
+              f"{defaults[key]!r})", file=file, flush=True)
     if not changed:
-        print(f"setting: every value as the constants in {script}", flush=True)
+        print(f"setting: every value as the constants in {script}", file=file, flush=True)
     return changed
 
 

@@ -1,7 +1,8 @@
 """Accuracy, cost and speed of a segmentation checkpoint: the measurements behind ``evaluate_efficiency.py``.
 
 - accuracy over the val split from one confusion matrix, optionally saving the predictions as Cityscapes
-  label-id PNGs that the official evaluation accepts (:func:`evaluate_accuracy`);
+  label-id PNGs that the official evaluation accepts (:func:`evaluate_accuracy`), and the same with
+  multi-scale and mirrored test-time augmentation (:func:`evaluate_tta`);
 - cost: parameters, MACs and FLOPs (:func:`cost_fields`; the counts come from :mod:`fastseg.flops`,
   FLOPs are 2 × MACs) and accuracy per GFLOP (:func:`efficiency_scores`);
 - speed: latency at batch 1, throughput at a larger batch and, on CUDA, peak memory, per dtype, on a copy
@@ -23,14 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from fast_scnn import FastSCNN, fold_batchnorm
+from fastseg.augment import prepare_batch
 from fastseg.checkpoint import atomic_path, atomic_write
 from fastseg.cityscapes import TRAIN_ID_TO_ID, colorize
 from fastseg.engine import autocast_context, evaluate, main_logits, upsample_logits
 from fastseg.errors import UserError
+from fastseg.metrics import ConfusionMatrix
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -140,6 +144,69 @@ def _finite_or_none(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# Scales of the profile's size for test-time augmentation, each also mirrored: the set that DeepLab's
+# multi-scale evaluation and mmsegmentation's Cityscapes configs use, so "mIoU with TTA" means the same here.
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def tta_probabilities(
+    model: nn.Module,
+    images: torch.Tensor,
+    size: Sequence[int],
+    scales: Sequence[float] = TTA_SCALES,
+    flip: bool = True,
+) -> torch.Tensor:
+    """Class probabilities at ``size`` (H, W): the softmax of each pass, averaged over the passes.
+
+    One pass per scale of ``images`` (normalised N×3×h×w) and, with ``flip``, one more on its mirror image
+    whose prediction is mirrored back. Each pass's logits are upsampled to ``size`` before the softmax, so
+    the average is taken at the label's resolution. Scales are of the image as given (the profile's size).
+    """
+    height, width = images.shape[-2:]
+    total, passes = None, 0
+    for scale in scales:
+        hw = (round(height * scale), round(width * scale))
+        scaled = images
+        if hw != (height, width):
+            # Antialiased when shrinking, as the resize that made the profile's images from the originals.
+            scaled = F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=scale < 1)
+        for mirrored in (False, True) if flip else (False,):
+            logits = main_logits(model(scaled.flip(-1) if mirrored else scaled)).float()
+            if mirrored:
+                logits = logits.flip(-1)
+            probabilities = upsample_logits(logits, size).softmax(1)
+            total = probabilities if total is None else total.add_(probabilities)
+            passes += 1
+    if total is None:
+        raise ValueError("tta_probabilities needs at least one scale")
+    return total / passes
+
+
+@torch.inference_mode()
+def evaluate_tta(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int = 19,
+    *,
+    scales: Sequence[float] = TTA_SCALES,
+    flip: bool = True,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, Any]:
+    """mIoU (and per-class IoU) of the multi-scale, mirrored prediction (:func:`tta_probabilities`) over
+    ``loader``, from one confusion matrix at the labels' size: ``miou_tta``, ``per_class_iou_tta``."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device=device)
+    for batch in progress(loader) if progress else loader:
+        images, labels = prepare_batch(batch[0], batch[1], device, train=False)
+        cm.update(labels, tta_probabilities(model, images, labels.shape[-2:], scales, flip).argmax(1))
+    scores = cm.compute()
+    return {
+        "miou_tta": _finite_or_none(scores["miou"]),
+        "per_class_iou_tta": [_finite_or_none(v) for v in scores["per_class_iou"]],
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """The report that compares checkpoints: their names, a Markdown table, a JSON file and plots.
 
-- finding checkpoints (paths and globs) and naming them (:func:`expand_checkpoint_paths`,
-  :func:`checkpoint_labels`, :func:`stage_label`);
+- finding checkpoints (paths and globs), naming them and reading what training recorded in them
+  (:func:`expand_checkpoint_paths`, :func:`checkpoint_labels`, :func:`stage_label`, :func:`teacher_path`,
+  :func:`training_record`);
 - the report itself (:func:`markdown_table`, :func:`write_json`, :func:`plot_per_class_iou`,
-  :func:`plot_tradeoffs`).
+  :func:`plot_tradeoffs`, :func:`plot_accuracy_vs_train_compute`, :func:`train_compute_runs`);
+- a distilled student beside its undistilled twin and its teacher (:func:`distillation_comparison`,
+  :func:`comparison_table`).
 
 The figures in each row are measured by :mod:`fastseg.measure`.
 """
@@ -30,7 +33,12 @@ RESULT_KEYS = (
     "checkpoint",
     "profile",
     "input_size",
+    "epoch",
     "miou",
+    "miou_tta",
+    "miou_last",
+    "epoch_last",
+    "cum_train_tflop",
     "dice",
     "pixel_accuracy",
     "per_class_iou",
@@ -92,9 +100,39 @@ def checkpoint_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [p.relative_to(common).as_posix() for p in absolute]
 
 
+def teacher_path(config: dict[str, Any]) -> str | None:
+    """The teacher a student was distilled from (``config["teacher"]["path"]``, as train_distillation.py
+    stores it; older students stored the path itself), or None for a model trained without one."""
+    teacher = config.get("teacher")
+    if isinstance(teacher, dict):
+        teacher = teacher.get("path")
+    return str(teacher or config.get("trained_teacher_model_path") or "") or None
+
+
 def is_distilled(config: dict[str, Any]) -> bool:
     """A student trained by distillation carries its teacher in the config."""
-    return bool(config.get("teacher") or config.get("trained_teacher_model_path"))
+    return teacher_path(config) is not None
+
+
+def training_record(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The epoch a checkpoint holds and the curriculum's training compute up to it (``cum_train_tflop``).
+
+    Both come from the epoch's line stored in the checkpoint; a checkpoint without it is looked up in the
+    stage's ``metrics.jsonl`` beside it. Unknown values are None (a plain state_dict).
+    """
+    epoch = checkpoint.get("epoch")
+    metrics = checkpoint.get("metrics") or {}
+    if metrics.get("cum_train_tflop") is None and epoch is not None:
+        log = Path(path).parent / "metrics.jsonl"
+        if log.is_file():
+            for line in log.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("epoch") == epoch:
+                    metrics = record
+    return {"epoch": epoch, "cum_train_tflop": metrics.get("cum_train_tflop")}
 
 
 def stage_label(config: dict[str, Any], profile: int) -> str:
@@ -138,11 +176,27 @@ MARKDOWN_COLUMNS = (
 )
 
 
+def _epochs(row: dict[str, Any]) -> str:
+    best, last = row.get("epoch"), row.get("epoch_last")
+    return f"{'–' if best is None else best}/{'–' if last is None else last}"
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """One row per checkpoint; accuracy in percent, cost in millions and GMACs."""
+    """One row per checkpoint; accuracy in percent, cost in millions and GMACs.
+
+    The test-time-augmented mIoU and the last epoch's mIoU (with the epochs of both checkpoints) get their
+    columns, after the mIoU, when some row has them.
+    """
+    extra: list[tuple[str, Any]] = []
+    if any(row.get("miou_tta") is not None for row in results):
+        extra.append(("mIoU TTA %", lambda row: _fmt(row.get("miou_tta"), ".2f", 100)))
+    if any(row.get("miou_last") is not None for row in results):
+        extra.append(("mIoU last %", lambda row: _fmt(row.get("miou_last"), ".2f", 100)))
+        extra.append(("epoch best/last", _epochs))
+    columns = [*MARKDOWN_COLUMNS[:4], *(name for name, _ in extra), *MARKDOWN_COLUMNS[4:]]
     lines = [
-        "| " + " | ".join(MARKDOWN_COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(MARKDOWN_COLUMNS) - 1)) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
     ]
     for row in results:
         height, width = row["input_size"]
@@ -151,6 +205,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             str(row["profile"]),
             f"{height}×{width}",
             _fmt(row.get("miou"), ".2f", 100),
+            *(cell(row) for _, cell in extra),
             _fmt(row.get("dice"), ".2f", 100),
             _fmt(row.get("params"), ".3f", 1e-6),
             _fmt(row.get("macs"), ".3f", 1e-9),
@@ -178,9 +233,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Path:
-    """``{"results": [...], "settings": {...}}`` written atomically; NaN becomes null so any reader parses it."""
+def write_json(
+    path: str | os.PathLike, results: Sequence[dict[str, Any]], settings: dict[str, Any], **sections: Any
+) -> Path:
+    """``{"results": [...], "settings": {...}, **sections}`` written atomically (sections that are None are
+    left out); NaN becomes null so any reader parses it."""
     payload = {"results": list(results), "settings": settings}
+    payload.update({name: value for name, value in sections.items() if value is not None})
     text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
     path = Path(path)
     atomic_write(path, lambda f: f.write(text.encode()))
@@ -236,7 +295,8 @@ def point_labels(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
-    """Accuracy vs GFLOPs and accuracy vs latency, each point labelled with its stage.
+    """Accuracy vs GFLOPs and accuracy vs latency, each point labelled with its stage, and accuracy vs the
+    training compute (:func:`plot_accuracy_vs_train_compute`).
 
     Returns the files written (none when accuracy or the needed cost/speed figures are missing).
     """
@@ -283,7 +343,145 @@ def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike
         _save_figure(fig, path)
         plt.close(fig)
         written.append(path)
-    return written
+    compute = plot_accuracy_vs_train_compute(results, out_dir / "accuracy_vs_train_compute.png")
+    return written + ([compute] if compute else [])
+
+
+def train_compute_runs(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of :func:`plot_accuracy_vs_train_compute` by run (experiment id), each run's in order of
+    training compute: the rows with an mIoU and a ``cum_train_tflop``, scored at the profile they were
+    trained at (a checkpoint scored at other profiles has no training compute of its own there)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for row in results:
+        if (
+            row.get("miou") is not None
+            and row.get("cum_train_tflop") is not None
+            and row.get("trained_profile") in (None, row["profile"])
+        ):
+            runs.setdefault(str(row.get("experiment_id") or row["checkpoint"]), []).append(row)
+    return {run: sorted(rows, key=lambda row: (row["cum_train_tflop"], row["profile"])) for run, rows in runs.items()}
+
+
+# One marker per profile, so that the stages are told apart by shape and no text label can cover another;
+# the star is drawn larger, as it fills less of its box.
+_PROFILE_MARKERS = {1: ("o", 8), 2: ("s", 8), 3: ("^", 9), 4: ("D", 7), 5: ("*", 13)}
+
+
+def plot_accuracy_vs_train_compute(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Val mIoU against the training compute of the curriculum up to each checkpoint (``cum_train_tflop``):
+    one colour and one line per run, a point per stage whose marker names its profile; two legends (runs,
+    profiles) instead of labels at the points, which would overlap where runs run close.
+
+    Returns None when no row has both figures (see :func:`train_compute_runs`).
+    """
+    runs = train_compute_runs(results)
+    if not runs:
+        return None
+    plt = _figure()
+    from matplotlib.lines import Line2D
+
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    run_handles = []
+    for i, (run, rows) in enumerate(runs.items()):
+        colour = colours(i % 10)
+        xs = [row["cum_train_tflop"] for row in rows]
+        ys = [100 * row["miou"] for row in rows]
+        (line,) = ax.plot(xs, ys, color=colour, linewidth=1.5, label=run)
+        run_handles.append(line)
+        for x, y, row in zip(xs, ys, rows):
+            marker, size = _PROFILE_MARKERS.get(row["profile"], ("o", 8))
+            ax.plot(x, y, marker=marker, markersize=size, color=colour, markeredgecolor="white", linestyle="none")
+    xs = [row["cum_train_tflop"] for rows in runs.values() for row in rows]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:  # later stages cost many times the first: keep p1 readable
+        ax.set_xscale("log")
+    ax.set_xlabel("training compute of the curriculum up to the checkpoint (TFLOP)")
+    ax.set_ylabel("mIoU on val (%)")
+    ax.grid(True, alpha=0.3)
+    profiles = sorted({row["profile"] for rows in runs.values() for row in rows})
+    profile_handles = [
+        Line2D([], [], marker=marker, markersize=size, color="0.4", linestyle="none", label=f"profile {k}")
+        for k in profiles
+        for marker, size in [_PROFILE_MARKERS.get(k, ("o", 8))]
+    ]
+    ax.add_artist(ax.legend(handles=run_handles, title="run", fontsize=8, loc="upper left"))
+    ax.legend(handles=profile_handles, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Student, twin and teacher
+# --------------------------------------------------------------------------------------------------
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def distillation_comparison(
+    students: Sequence[dict[str, Any]],
+    twins: Sequence[dict[str, Any]],
+    teachers: Sequence[dict[str, Any] | None],
+) -> list[dict[str, Any]]:
+    """Per profile: the student's mIoU, its undistilled twin's (the same recipe without a teacher), the
+    difference (the distillation gain, also between their last epochs) and the teacher's mIoU at that profile.
+
+    ``teachers[i]`` is the row of ``students[i]``'s teacher scored at the student's profile (None if it could
+    not be scored); twins are matched to students by profile.
+    """
+    twin_at = {row["profile"]: row for row in twins}
+    comparison = []
+    for student, teacher in zip(students, teachers):
+        twin = twin_at.get(student["profile"]) or {}
+        comparison.append(
+            {
+                "profile": student["profile"],
+                "student": student["checkpoint"],
+                "twin": twin.get("checkpoint"),
+                "teacher": teacher["checkpoint"] if teacher else None,
+                "student_miou": student.get("miou"),
+                "twin_miou": twin.get("miou"),
+                "gain": _difference(student.get("miou"), twin.get("miou")),
+                "student_miou_last": student.get("miou_last"),
+                "twin_miou_last": twin.get("miou_last"),
+                "gain_last": _difference(student.get("miou_last"), twin.get("miou_last")),
+                "teacher_miou": teacher.get("miou") if teacher else None,
+            }
+        )
+    return sorted(comparison, key=lambda row: row["profile"])
+
+
+COMPARISON_COLUMNS = (
+    "profile",
+    "student mIoU %",
+    "twin mIoU %",
+    "gain (points)",
+    "gain, last epochs (points)",
+    "teacher mIoU %",
+)
+
+
+def comparison_table(comparison: Sequence[dict[str, Any]]) -> str:
+    """The student, its twin and the gain per profile, with the teacher's mIoU at that profile."""
+    lines = [
+        "| " + " | ".join(COMPARISON_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(COMPARISON_COLUMNS) - 1)) + "|",
+    ]
+    for row in comparison:
+        cells = [
+            str(row["profile"]),
+            _fmt(row["student_miou"], ".2f", 100),
+            _fmt(row["twin_miou"], ".2f", 100),
+            _fmt(row["gain"], "+.2f", 100),
+            _fmt(row["gain_last"], "+.2f", 100),
+            _fmt(row["teacher_miou"], ".2f", 100),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _save_figure(fig: Any, path: Path) -> None:

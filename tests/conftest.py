@@ -1,8 +1,11 @@
-"""Shared fixtures: a tiny synthetic Cityscapes made once per test session, and quiet tracking."""
+"""Shared fixtures: a tiny synthetic Cityscapes made once per test session, and quiet tracking; a copy of the
+project with a script's constants edited, as users do."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,3 +39,17 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
     generate(root, train=TRAIN_IMAGES, val=VAL_IMAGES, width=TINY_SIZE[0], height=TINY_SIZE[1], seed=0)
     return root
+
+
+def edited_project(tmp_path: Path, script: str, edits: dict[str, str]) -> Path:
+    """A copy of the project whose ``script`` has the constants in ``edits`` set as a user would, in place."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "data", "checkpoints", "results", "logs", "__pycache__", ".pytest_cache", "wandb"))
+    (project / ".venv").symlink_to(ROOT / ".venv")  # the job script's runtime: the project's .venv
+    text = (project / script).read_text()
+    for name, value in edits.items():
+        text, count = re.subn(rf"^{name} = .*$", f"{name} = {value}", text, count=1, flags=re.M)
+        assert count == 1, f"no constant {name} in {script}"
+    (project / script).write_text(text)
+    return project

@@ -100,6 +100,7 @@ def test_efficiency_report_on_the_device(synthetic_root, tmp_path, device):
     assert evaluate_efficiency.main([
         "--current-model-path", str(ckpt), "--data-dir", str(synthetic_root), "--device", device,
         "--num-workers", "0", "--runs", "5", "--warmup", "2", "--throughput-batch", "2", "--output", str(out),
+        "--plots", str(tmp_path / "plots"),
     ]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert row["device"].startswith(device)

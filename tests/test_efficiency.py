@@ -1,10 +1,14 @@
 """The efficiency tool: its mIoU is the official Cityscapes evaluation's on its own saved predictions, its cost
-figures are flops.py's, its report holds every key, row and plot, and bad input ends in one clear line."""
+figures are flops.py's, its report holds every key, row and plot, and bad input ends in one clear line; its
+constants are its settings (the wrapper adds none); test-time augmentation, the last epoch, training compute,
+a checkpoint at every profile, and a student beside its twin and teacher."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,16 +16,27 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARGS, edited_project
 from PIL import Image
 from torch import nn
 
 import evaluate_efficiency
+import train
 from fastseg import measure
 from fastseg.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import build_model
-from fastseg.report import RESULT_KEYS, checkpoint_labels, expand_checkpoint_paths, markdown_table, write_json
+from fastseg.report import (
+    RESULT_KEYS,
+    checkpoint_labels,
+    expand_checkpoint_paths,
+    markdown_table,
+    plot_accuracy_vs_train_compute,
+    train_compute_runs,
+    training_record,
+    write_json,
+)
 
 # The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
 TINY_RESIZE = [128, 64]
@@ -38,11 +53,18 @@ def _fast_scnn(seed: int) -> nn.Module:
     return model.eval()
 
 
-def _save(path: Path, model: nn.Module, **config) -> Path:
+def _save(path: Path, model: nn.Module, epoch: int = 1, metrics: dict | None = None, **config) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     base = {"arch": "fast_scnn", "num_classes": 19, "width_mult": 1.0, "aux": False, "profile": 1}
-    torch.save({"model": model.state_dict(), "config": {**base, **config}, "epoch": 1, "metrics": {}}, path)
+    checkpoint = {"model": model.state_dict(), "config": {**base, **config}, "epoch": epoch, "metrics": metrics or {}}
+    torch.save(checkpoint, path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    # The constants write results/ relative to the working directory: never into the repository.
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +82,7 @@ def checkpoints(tmp_path_factory) -> Path:
         _fast_scnn(1),
         experiment_id="kd",
         resize=TINY_RESIZE,
-        teacher="baseline/profile-1/best.pth",
+        teacher={"path": str(root / "baseline" / "profile-1" / "best.pth"), "arch": "fast_scnn", "profile": 1},
     )
     torch.save(_fast_scnn(2).state_dict(), root / "plain.pth")
     return root
@@ -267,8 +289,9 @@ def test_bad_checkpoints_end_in_one_line(checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: evaluate_efficiency.main(bad_second))
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --current-model-path") and len(err.strip().splitlines()) == 1
+    # The settings that differ from the constants, then the one line of the error.
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("setting: ")]
+    assert len(err) == 1 and err[0].startswith("error: --current-model-path")
 
 
 def test_empty_val_split_is_a_user_error(checkpoints, tmp_path):
@@ -367,3 +390,260 @@ def test_measure_speed_reports_every_figure():
     assert fp32["latency_p90_ms"] >= fp32["latency_ms"] >= fp32["latency_min_ms"] > 0
     assert fp32["peak_memory_mb"] is None  # measured on CUDA only
     assert model[1].training is False and isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
+
+
+# --------------------------------------------------------------------------------------------------
+# One home for each setting
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_constant_is_a_flag_and_changed_settings_are_printed(capsys):
+    constants = evaluate_efficiency.constants()
+    assert {"current_model_path", "data_dir", "output", "plots", "batch_size", "num_workers"} <= set(constants)
+    assert vars(evaluate_efficiency.parse_args([])) == constants  # no flag given: exactly the constants
+    out, err = capsys.readouterr()
+    assert out == "" and "setting: every value as the constants in evaluate_efficiency.py" in err
+    args = evaluate_efficiency.parse_args(["--output", "none", "--batch-size", "2"])
+    assert evaluate_efficiency.optional_path(args.output) is None
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout is the table's alone
+    assert "setting: output = 'none' (from the command line; the constant OUTPUT is 'results/efficiency.json')" in err
+    assert "setting: batch_size = 2 " in err and "setting: data_dir" not in err
+
+
+def test_edited_constants_reach_evaluate_efficiency_sh(checkpoints, tmp_path):
+    # As users work: edit the constants in evaluate_efficiency.py, run the wrapper with a few flags of their own.
+    checkpoint = checkpoints / "baseline" / "profile-1" / "best.pth"
+    output = tmp_path / "edited" / "report.json"
+    edits = {"CURRENT_MODEL_PATH": repr((str(checkpoint),)), "OUTPUT": repr(str(output))}
+    project = edited_project(tmp_path, "evaluate_efficiency.py", edits)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run(
+        ["bash", "evaluate_efficiency.sh", "--device", "cpu", "--runs", "2", "--warmup", "0", "--skip-accuracy"],
+        cwd=project, env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(output.read_text())["results"]  # the edited OUTPUT, for the edited checkpoint
+    assert row["path"] == str(checkpoint) and row["latency_ms"] > 0 and row["device"] == "cpu"
+    assert "| best.pth | 1 | 64×128 |" in done.stdout
+    assert "setting: device = 'cpu' (from the command line" in done.stderr
+    assert "setting: runs = 2 " in done.stderr
+    for key in ("current_model_path", "output", "plots", "data_dir", "batch_size"):  # the wrapper added none
+        assert f"setting: {key} =" not in done.stderr, done.stderr
+    assert not (project / "results").exists()  # the edited OUTPUT was used, not the original one
+
+
+def test_profiles_are_single_lists_or_ranges():
+    parse = evaluate_efficiency.requested_profiles
+    assert parse(None) is None
+    assert parse(["1-5"]) == [1, 2, 3, 4, 5] == parse("1-5") == parse((1, 2, 3, 4, 5))
+    assert parse(["3", "1", "3"]) == [3, 1] and parse(2) == [2] and parse(["1,2", "4-5"]) == [1, 2, 4, 5]
+    for bad, match in (("6", "--profile 6: no such profile"), ("0-2", "--profile 0"), ("4-2", "goes down"),
+                       ("x", "--profile x: expected")):
+        with pytest.raises(UserError, match=match):
+            parse([bad])
+
+
+# --------------------------------------------------------------------------------------------------
+# Test-time augmentation and the last epoch
+# --------------------------------------------------------------------------------------------------
+
+
+class _LopsidedModel(nn.Module):
+    """Road (logit 2) on the left half, sidewalk (logit 1) on the right, whatever the pixels: not mirror
+    symmetric, so a flipped pass disagrees with the plain one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        logits = torch.zeros(n, 19, h, w)
+        logits[:, 0, :, : w // 2] = 2
+        logits[:, 1, :, w // 2 :] = 1
+        return logits
+
+
+def test_tta_on_a_hand_checked_case():
+    # Labels (train ids) [[0, 0, 1, 1], [0, 0, 0, 255]]. Plain pass: [[0, 0, 1, 1], [0, 0, 1, 1]].
+    # With the mirrored pass each half averages softmax(road 2) with softmax(sidewalk 1):
+    # road (e²/(e²+18) + 1/(e+18))/2 = 0.170 beats sidewalk (1/(e²+18) + e/(e+18))/2 = 0.085 everywhere, so
+    # every pixel is road: road IoU 5/7 (2 false positives), sidewalk IoU 0 → mIoU 5/14.
+    label = torch.tensor([[[0, 0, 1, 1], [0, 0, 0, 255]]], dtype=torch.uint8)
+    batch = (torch.zeros(1, 3, 2, 4, dtype=torch.uint8), label, torch.tensor([0]))
+    cpu = torch.device("cpu")
+    plain = measure.evaluate_accuracy(_LopsidedModel(), [batch], cpu)
+    assert plain["miou"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    flipped = measure.evaluate_tta(_LopsidedModel(), [batch], cpu, scales=(1.0,), flip=True)
+    assert flipped["miou_tta"] == pytest.approx(5 / 14)
+    assert flipped["per_class_iou_tta"][:2] == pytest.approx([5 / 7, 0.0])
+    # One scale without the mirror is the plain pass.
+    assert measure.evaluate_tta(_LopsidedModel(), [batch], cpu, scales=(1.0,), flip=False)["miou_tta"] == (
+        pytest.approx(plain["miou"])
+    )
+
+
+def test_tta_passes_every_scale_and_mirrors_back():
+    seen = []
+
+    class Pixelwise(nn.Module):
+        """A 1×1 convolution: mirroring its input mirrors its output, so flip and flip back change nothing."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 19, 1)
+
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return self.conv(x)
+
+    model = Pixelwise().eval()
+    x = torch.randn(2, 3, 8, 16)
+    with torch.no_grad():
+        probabilities = measure.tta_probabilities(model, x, (16, 32))
+        assert seen == [(round(8 * s), round(16 * s)) for s in measure.TTA_SCALES for _ in range(2)]
+        assert probabilities.shape == (2, 19, 16, 32)
+        torch.testing.assert_close(probabilities.sum(1), torch.ones(2, 16, 32))
+        alone = measure.tta_probabilities(model, x, (8, 16), scales=(1.0,), flip=True)
+        torch.testing.assert_close(alone, model(x).softmax(1))
+
+
+def test_tta_and_the_last_epoch_beside_the_best(synthetic_root, tmp_path, capsys):
+    stage = tmp_path / "run" / "profile-1"
+    best = _save(stage / "best.pth", _fast_scnn(0), epoch=2, experiment_id="run", resize=TINY_RESIZE)
+    last = _save(stage / "last.pth", _fast_scnn(5), epoch=3, experiment_id="run", resize=TINY_RESIZE)
+    common = ("--data-dir", str(synthetic_root), "--skip-speed", "--plots", "none")
+    report_, out = _run(capsys, *common, "--current-model-path", str(best), "--tta", "--output", "r.json")
+    (row,) = report_["results"]
+    assert 0 <= row["miou_tta"] <= 1 and row["miou_tta"] != row["miou"] and len(row["per_class_iou_tta"]) == 19
+    assert report_["settings"]["tta_scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    # The last epoch is scored as if it had been given on its own.
+    alone, _ = _run(capsys, *common, "--current-model-path", str(last), "--output", "last.json")
+    (last_row,) = alone["results"]
+    assert last_row["miou_last"] is None and last_row["epoch"] == 3
+    assert row["miou_last"] == pytest.approx(last_row["miou"]) and row["miou_last"] != row["miou"]
+    assert row["epoch"] == 2 and row["epoch_last"] == 3
+    header, _, cells = (line for line in out.splitlines() if line.startswith("|"))
+    assert "| mIoU % | mIoU TTA % | mIoU last % | epoch best/last |" in header and "| 2/3 |" in cells
+    off, out = _run(capsys, *common, "--current-model-path", str(best), "--no-last-epoch", "--output", "off.json")
+    assert off["results"][0]["miou_last"] is None and "mIoU last" not in out and "TTA" not in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy against training compute
+# --------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_against_training_compute_of_real_stages(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    for profile, previous in ((1, "none"), (2, "auto")):  # two stages of one curriculum, one epoch each
+        argv = [*TINY_ARGS, "--data-dir", str(synthetic_root), "--output-dir", str(out), "--experiment-id", "a",
+                "--profile", str(profile), "--epochs", "1", "--previous-model-path", previous]
+        assert train.main(argv) == 0
+    capsys.readouterr()
+    plots = tmp_path / "plots"
+    report_, _ = _run(
+        capsys, "--data-dir", str(synthetic_root), "--current-model-path", str(out / "a" / "profile-*" / "best.pth"),
+        "--skip-speed", "--output", "r.json", "--plots", str(plots),
+    )
+    rows = {row["checkpoint"]: row for row in report_["results"]}
+    assert set(rows) == {"profile-1/best.pth", "profile-2/best.pth"}
+    for name, row in rows.items():
+        log = (out / "a" / name).with_name("metrics.jsonl")
+        (line,) = [json.loads(line) for line in log.read_text().splitlines()]
+        assert row["epoch"] == row["epoch_last"] == line["epoch"] == 1
+        assert row["cum_train_tflop"] == line["cum_train_tflop"] > 0
+        assert row["miou_last"] == row["miou"]  # best.pth is the last epoch's: scored once
+    # Stage 2 counts stage 1's training too.
+    assert rows["profile-2/best.pth"]["cum_train_tflop"] > rows["profile-1/best.pth"]["cum_train_tflop"]
+    runs = train_compute_runs(report_["results"])
+    assert {run: [row["profile"] for row in run_rows] for run, run_rows in runs.items()} == {"a": [1, 2]}
+    assert (plots / "accuracy_vs_train_compute.png").stat().st_size > 0
+    assert (plots / "accuracy_vs_gflops.png").is_file()
+
+
+def test_training_compute_is_read_from_the_metrics_log_when_the_checkpoint_lacks_it(tmp_path):
+    stage = tmp_path / "run" / "profile-2"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "cum_train_tflop": 10.0 + e}) + "\n" for e in (1, 2, 3))
+    )
+    assert training_record({"epoch": 2, "metrics": {}}, stage / "best.pth") == {"epoch": 2, "cum_train_tflop": 12.0}
+    stored = {"epoch": 2, "metrics": {"cum_train_tflop": 5.0}}
+    assert training_record(stored, stage / "best.pth")["cum_train_tflop"] == 5.0
+    assert training_record({"epoch": None}, tmp_path / "plain.pth") == {"epoch": None, "cum_train_tflop": None}
+
+
+
+def test_training_compute_plot_draws_one_line_per_run(tmp_path):
+    def row(name, run, profile, tflop, trained=None):
+        return {"checkpoint": name, "experiment_id": run, "profile": profile, "trained_profile": trained or profile,
+                "miou": 0.1 * profile, "cum_train_tflop": tflop}
+
+    rows = [row("b2", "b", 2, 30.0), row("a2", "a", 2, 20.0), row("a1", "a", 1, 5.0), row("b1", "b", 1, 5.0),
+            row("a5@1", "a", 1, 90.0, trained=5), row("plain", None, 1, None)]
+    runs = train_compute_runs(rows)
+    # Grouped by experiment id, in order of compute; a checkpoint scored away from its own profile is left out.
+    assert {run: [r["checkpoint"] for r in rs] for run, rs in runs.items()} == {"b": ["b1", "b2"], "a": ["a1", "a2"]}
+    path = plot_accuracy_vs_train_compute(rows, tmp_path / "compute.png")
+    assert path.stat().st_size > 0
+    assert plot_accuracy_vs_train_compute([rows[-1]], tmp_path / "none.png") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# A checkpoint at every profile; a student beside its twin and teacher
+# --------------------------------------------------------------------------------------------------
+
+
+def test_one_checkpoint_at_several_profiles(synthetic_root, checkpoints, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    checkpoint = str(checkpoints / "baseline" / "profile-1" / "best.pth")
+    report_, out = _run(
+        capsys, "--data-dir", str(synthetic_root), "--current-model-path", checkpoint, "--profile", "1-2",
+        "--skip-speed", "--output", "r.json", "--plots", str(plots),
+    )
+    rows = report_["results"]
+    # Each profile's own size, not the size stored in the checkpoint (its stage was trained at 128×64).
+    assert [(row["profile"], row["input_size"], row["stage"]) for row in rows] == [
+        (1, [288, 576], "teacher p1"), (2, [384, 768], "teacher p2")
+    ]
+    assert all(0 <= row["miou"] <= 1 for row in rows) and rows[0]["miou"] != rows[1]["miou"]
+    assert "| best.pth | 1 | 288×576 |" in out and "| best.pth | 2 | 384×768 |" in out
+    assert {"per_class_iou_best_p1.png", "per_class_iou_best_p2.png"} <= {p.name for p in plots.iterdir()}
+
+
+def test_student_beside_its_undistilled_twin_and_teacher(synthetic_root, tmp_path, capsys):
+    teacher = _save(tmp_path / "teacher" / "profile-1" / "best.pth", _fast_scnn(0), experiment_id="teacher",
+                    resize=[256, 128])
+    distilled = {"teacher": {"path": str(teacher), "arch": "fast_scnn", "profile": 1}}
+    for run, seed, extra in (("student", 1, distilled), ("twin", 3, {})):
+        stage = tmp_path / run / "profile-1"
+        _save(stage / "best.pth", _fast_scnn(seed), epoch=1, experiment_id=run, resize=TINY_RESIZE, **extra)
+        _save(stage / "last.pth", _fast_scnn(seed + 10), epoch=2, experiment_id=run, resize=TINY_RESIZE, **extra)
+    student, twin = str(tmp_path / "student/profile-*/best.pth"), str(tmp_path / "twin/profile-*/best.pth")
+    report_, out = _run(
+        capsys, "--data-dir", str(synthetic_root), "--compare", student, twin, "--skip-speed", "--output", "r.json",
+        "--plots", "none",
+    )
+    rows = {row["checkpoint"]: row for row in report_["results"]}
+    assert set(rows) == {"student/profile-1/best.pth", "twin/profile-1/best.pth", "teacher/profile-1/best.pth"}
+    s, t = rows["student/profile-1/best.pth"], rows["twin/profile-1/best.pth"]
+    teacher_row = rows["teacher/profile-1/best.pth"]
+    # The teacher at the student's input size (its own stage was trained at another), its last epoch not scored.
+    assert teacher_row["input_size"] == s["input_size"] == [64, 128] and teacher_row["miou_last"] is None
+    (compared,) = report_["comparison"]
+    assert compared["profile"] == 1 and compared["teacher"] == "teacher/profile-1/best.pth"
+    assert compared["student_miou"] == s["miou"] and compared["twin_miou"] == t["miou"]
+    assert compared["gain"] == pytest.approx(s["miou"] - t["miou"]) and compared["gain"] != 0
+    assert compared["gain_last"] == pytest.approx(s["miou_last"] - t["miou_last"])
+    assert compared["teacher_miou"] == teacher_row["miou"]
+    table = out[out.index("| profile | student mIoU %"):].splitlines()
+    assert table[2] == (f"| 1 | {100 * s['miou']:.2f} | {100 * t['miou']:.2f} | {100 * compared['gain']:+.2f} | "
+                        f"{100 * compared['gain_last']:+.2f} | {100 * teacher_row['miou']:.2f} |")
+
+    for argv, match in (
+        (["--compare", twin, student], "--compare: .*twin.*trained without a teacher"),
+        (["--compare", student, student], "--compare: .*student.*distilled from"),
+        (["--compare", student, twin, "--profile", "2"], "drop --profile"),
+        (["--compare", student, twin, "--current-model-path", str(teacher)], "drop --current-model-path"),
+    ):
+        with pytest.raises(UserError, match=match):
+            evaluate_efficiency.main([*argv, "--skip-speed", "--data-dir", str(synthetic_root)])

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import slurm_cluster as harness
 import torch
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, TINY_ARGS, edited_project
 from slurm_cluster import SlurmCluster, SlurmError, SlurmUnavailable, slurm_cluster
 
 from fastseg.checkpoint import load_checkpoint
@@ -447,20 +446,6 @@ def test_without_root_slurm_is_unavailable_rather_than_broken(monkeypatch):
 # --------------------------------------------------------------------------- edited constants
 # The users' workflow: edit the constants at the top of the script, then run the wrapper or sbatch the job
 # script. The run must use the edited values; no wrapper may hold a copy that shadows them.
-
-
-def edited_project(tmp_path: Path, script: str, edits: dict[str, str]) -> Path:
-    """A copy of the project whose ``script`` has the constants in ``edits`` set as a user would, in place."""
-    project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "data", "checkpoints", "results", "logs", "__pycache__", ".pytest_cache", "wandb"))
-    (project / ".venv").symlink_to(ROOT / ".venv")  # the job script's runtime: the project's .venv
-    text = (project / script).read_text()
-    for name, value in edits.items():
-        text, count = re.subn(rf"^{name} = .*$", f"{name} = {value}", text, count=1, flags=re.M)
-        assert count == 1, f"no constant {name} in {script}"
-    (project / script).write_text(text)
-    return project
 
 
 def plain_teacher(tmp_path: Path) -> Path:
