@@ -64,6 +64,39 @@ class TorchvisionSegmenter(nn.Module):
         return out
 
 
+class ClassifierLogits:
+    """The logits of a model's ``classifier`` in its last forward: on the grid of the model's output stride
+    (1/8 of the input for Fast-SCNN), before the model upsamples them to the input size.
+
+    Read by a forward hook, so the models keep returning what they return; it works through DDP and
+    ``torch.compile`` of the model. ``take()`` hands each forward's logits over once and keeps no reference.
+    """
+
+    def __init__(self, model: nn.Module):
+        head = getattr(model, "classifier", None)
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"{type(model).__name__} has no classifier module to read the logits of")
+        self._logits: torch.Tensor | None = None
+        self._handle = head.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self._logits = output
+
+    def __deepcopy__(self, memo) -> ClassifierLogits:
+        # A deep copy of the model (train.py counts a step's FLOPs on one) copies its hooks; the copy's hook
+        # must report here too, where the objective reads.
+        return self
+
+    def take(self) -> torch.Tensor:
+        logits, self._logits = self._logits, None
+        if logits is None:
+            raise RuntimeError("the classifier has not run since the last take(); run the model first")
+        return logits
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def has_aux(arch: str) -> bool:
     """Whether ``arch`` can train with an auxiliary head."""
     return arch == "fast_scnn" or (arch in _TORCHVISION and _TORCHVISION[arch][1])
