@@ -16,6 +16,7 @@ every other setting is ``train.py``'s constant of the same name. Each one is als
     python train_distillation.py --profile 1 --trained-teacher-model-path checkpoints/fast_scnn/profile-5/best.pth
     python train_distillation.py --profile 2 --previous-student-model-path auto --trained-teacher-model-path ...
     python train_distillation.py --kd-loss kl --temperature 1 --kd-weight 1 --cwd-weight 5 ...   # KL + CWD
+    python train_distillation.py --teacher-input teacher ...    # the teacher sees the crop at its own resolution
     sbatch jobscript_slurm_distillation.sh                      # the stage set by PROFILE below
     sbatch jobscript_slurm_distillation.sh --profile 2
 
@@ -28,10 +29,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 import train
 from fastseg.checkpoint import load_model
 from fastseg.cityscapes import NUM_CLASSES
+from fastseg.config import stage_profile
 from fastseg.errors import UserError, run_cli
 from fastseg.losses import KD_LOSSES, DistillationLoss
 from fastseg.models import ClassifierLogits
@@ -48,6 +51,7 @@ TEMPERATURE = 1.0  # softens both sides (DIST's tau, KL's T; the term is scaled 
 ALPHA = None  # None: the form above; a number in [0, 1]: (1 - ALPHA) * CE + ALPHA * KD, KD_WEIGHT unused
 CWD_WEIGHT = 0.0  # channel-wise distillation (Shu et al. 2021) added on top; 0 = off, 5.0 as published
 CWD_TEMPERATURE = 1.0  # CWD's own temperature; 1.0 with weight 5 (the CWD authors), 4.0 with weight 3 (CIRKD)
+TEACHER_INPUT = "student"  # student: the teacher sees the student's batch; teacher: at its training resolution
 
 
 def constants() -> dict:
@@ -79,10 +83,30 @@ def add_distillation_flags(parser: argparse.ArgumentParser, defaults: dict) -> N
                    help="channel-wise distillation weight, added on top (0 = off)")
     g.add_argument("--cwd-temperature", type=float, default=defaults["cwd_temperature"],
                    help="channel-wise distillation's temperature, > 0")
+    g.add_argument("--teacher-input", choices=["student", "teacher"], default=defaults["teacher_input"],
+                   help="student: the teacher sees the student's batch; teacher: the same crop scaled to the "
+                        "teacher's training resolution (read from its checkpoint)")
 
 
-def teacher_logits(teacher, head: ClassifierLogits, images: torch.Tensor):
-    """The teacher's classifier logits for ``images`` (no gradient)."""
+def teacher_scale(args, teacher_cfg: dict) -> tuple[float, float]:
+    """(height, width) factors that bring the student's images to the scale the teacher was trained at."""
+    if args.teacher_input == "student":
+        return 1.0, 1.0
+    resize = teacher_cfg.get("resize")
+    if not resize:
+        raise UserError(f"--teacher-input teacher: {args.trained_teacher_model_path} does not say at which "
+                        "resolution the teacher was trained (a plain state_dict); use a checkpoint written by "
+                        "train.py, or --teacher-input student")
+    student = stage_profile(args.profile, args.resize, args.patch).resize  # (W, H), as the teacher's
+    return resize[1] / student[1], resize[0] / student[0]
+
+
+def teacher_logits(teacher, head: ClassifierLogits, images: torch.Tensor, scale: tuple[float, float]):
+    """The teacher's classifier logits for ``images`` seen at ``scale`` times their size (no gradient)."""
+    if scale != (1.0, 1.0):
+        h, w = images.shape[-2:]
+        size = (max(1, round(h * scale[0])), max(1, round(w * scale[1])))
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     with torch.no_grad():
         teacher(images)
     return head.take()
@@ -101,17 +125,19 @@ def build_objective(args, device: torch.device, model):
     teacher.requires_grad_(False)  # load_model returns it in eval mode; the loop never switches it
     if device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
-    # Both classifiers' logits at the output stride: distilling there rather than on the upsampled output
-    # is what the published methods do, and costs 1/64 of the memory and compute.
+    scale = teacher_scale(args, teacher_cfg)
+    # Both classifiers' logits at the output stride: the published methods distil there, not on the upsampled
+    # output, and the KD term needs about 1/64 of the memory it needs at full size (tests/test_losses.py).
     student_head, teacher_head = ClassifierLogits(model), ClassifierLogits(teacher)
 
     def objective(student, images, labels):
         output = student(images)
-        return criterion(output, teacher_logits(teacher, teacher_head, images), labels,
+        return criterion(output, teacher_logits(teacher, teacher_head, images, scale), labels,
                          student_logits=student_head.take())
 
     teacher_info = {"path": str(args.trained_teacher_model_path), "arch": teacher_cfg.get("arch"),
-                    "width_mult": teacher_cfg.get("width_mult"), "profile": teacher_cfg.get("profile")}
+                    "width_mult": teacher_cfg.get("width_mult"), "profile": teacher_cfg.get("profile"),
+                    "resize": teacher_cfg.get("resize"), "input_scale": list(scale)}
     return objective, {"teacher": teacher_info}
 
 

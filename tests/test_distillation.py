@@ -17,7 +17,7 @@ from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.errors import UserError
-from fastseg.losses import cross_entropy, dist_loss
+from fastseg.losses import cross_entropy, dist_loss, kd_loss
 from fastseg.models import ClassifierLogits, build_model
 
 TINY = Profile(1, (128, 64), (96, 48))
@@ -183,3 +183,37 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
     torch.manual_seed(1)
     main, _ = student(x)
     assert parts["ce"].item() == pytest.approx(cross_entropy(main, y).item(), rel=1e-5)
+
+
+def test_teacher_input_teacher_scales_the_batch_to_the_teachers_resolution(teacher, synthetic_root, tmp_path):
+    # The teacher was trained on 128x64 images; this student trains on 64x32 ones: the teacher sees 2x.
+    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher),
+                                 "--resize", "64x32", "--patch", "48x24", "--teacher-input", "teacher", "--kd-loss",
+                                 "kl"), train_distillation.constants(), extend=train_distillation.add_distillation_flags)
+    student = build_model("fast_scnn").eval()  # eval: the replay below gives the same logits
+    objective, extra = train_distillation.build_objective(args, torch.device("cpu"), student)
+    assert extra["teacher"]["input_scale"] == [2.0, 2.0] and extra["teacher"]["resize"] == [128, 64]
+    teacher_model = next(c.cell_contents for c in objective.__closure__
+                         if isinstance(c.cell_contents, torch.nn.Module))
+    seen = []
+    teacher_model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    x = torch.randn(2, 3, 24, 48)
+    y = torch.randint(0, 19, (2, 24, 48))
+    loss, parts = objective(student, x, y)
+    assert seen == [(48, 96)]
+    # its logits come back to the student's 1/8 grid: the KD equals the KL against them resized there
+    probe = ClassifierLogits(teacher_model)
+    with torch.no_grad():
+        teacher_model(torch.nn.functional.interpolate(x, size=(48, 96), mode="bilinear", align_corners=False))
+    head = ClassifierLogits(student)
+    student(x)
+    assert parts["kd"].item() == pytest.approx(kd_loss(head.take(), probe.take(), y).item(), rel=1e-4)
+    loss.backward()
+
+
+def test_teacher_input_teacher_needs_a_checkpoint_that_knows_its_resolution(synthetic_root, tmp_path):
+    plain = tmp_path / "plain.pth"
+    torch.save(build_model("fast_scnn").state_dict(), plain)
+    with pytest.raises(UserError, match="--teacher-input teacher: .*plain.pth does not say at which resolution"):
+        train_distillation.main(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(plain),
+                                     "--teacher-input", "teacher", "--previous-student-model-path", "none"))
