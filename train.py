@@ -80,6 +80,7 @@ MOMENTUM = 0.9  # sgd only
 WARMUP_EPOCHS = 0.0  # linear warm-up at the start of the stage (after a change of resolution)
 ARCH = "fast_scnn"  # or a torchvision model (deeplabv3_resnet50, ...) to train a larger teacher
 WIDTH_MULT = 1.0  # Fast-SCNN channel width; 2.0 makes a wider teacher
+PRETRAINED_BACKBONE = None  # torchvision ARCH only: ImageNet backbone, a weight name (IMAGENET1K_V1) or a file path
 LABEL_RESOLUTION = "full"  # validate at the labels' full size (Cityscapes convention) or "resized"
 OUTPUT_DIR = "checkpoints"
 RESUME = "auto"  # continue from this stage's last.pth when it exists (a requeued Slurm job)
@@ -236,7 +237,8 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
 
     # Model: from the previous stage's best weights, unless this stage resumes.
     seed_everything(args.seed, 0, info.rank)
-    model = build_model(args.arch, num_classes=NUM_CLASSES, aux=args.aux, width_mult=args.width_mult)
+    model = build_model(args.arch, num_classes=NUM_CLASSES, aux=args.aux, width_mult=args.width_mult,
+                        pretrained_backbone=args.pretrained_backbone)
     previous = None
     if checkpoint is None:
         previous = resolve_previous(args.previous_model_path, args.output_dir, args.experiment_id, args.profile,

@@ -79,6 +79,9 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--arch", choices=ARCHS, default=d["arch"])
     g.add_argument("--width-mult", type=_positive_float, default=d["width_mult"],
                    help="channel width of Fast-SCNN (1.0 is the standard, checkpoint-compatible layout)")
+    g.add_argument("--pretrained-backbone", default=d["pretrained_backbone"],
+                   help="torchvision --arch only: start the backbone from ImageNet weights, a torchvision weight "
+                        "name (IMAGENET1K_V1, downloaded into $TORCH_HOME/hub/checkpoints) or the path of that file")
     g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=d["aux"],
                    help="auxiliary heads during training, weight 0.4 each (Fast-SCNN: on the 1/8 and 1/32 "
                         "features)")

@@ -39,7 +39,7 @@ def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, dev
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     args = argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none", "--amp", amp,
-                "--device", device)
+                "--device", device, "--check-every", "1")
     steps_per_epoch = 4
 
     def stop_in_epoch_two(n, loss):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.errors import UserError
-from fastseg.models import build_model
+from fastseg.losses import cross_entropy, dist_loss, kd_loss
+from fastseg.models import ClassifierLogits, build_model
 
 TINY = Profile(1, (128, 64), (96, 48))
 
@@ -28,8 +30,9 @@ def argv(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def teacher(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
-    assert train.main(argv(synthetic_root, out, "--experiment-id", "teacher", "--epochs", "6", "--lr", "5e-3",
-                           "--previous-model-path", "none")) == 0
+    # AdamW: in six epochs on 16 images SGD leaves the teacher close to uniform, a teacher with nothing to teach
+    assert train.main(argv(synthetic_root, out, "--experiment-id", "teacher", "--epochs", "6", "--recipe", "adamw",
+                           "--lr", "5e-3", "--previous-model-path", "none")) == 0
     return out / "teacher" / "profile-1" / "best.pth"
 
 
@@ -127,6 +130,8 @@ def test_a_wider_fast_scnn_teacher_from_train_py_works_end_to_end(synthetic_root
     [
         (["--alpha", "1.5"], "--alpha"),
         (["--temperature", "0"], "--temperature"),
+        (["--kd-weight", "-1"], "--kd-weight"),
+        (["--cwd-weight", "1", "--cwd-temperature", "0"], "--cwd-temperature"),
         (["--trained-teacher-model-path", "missing.pth"], "--trained-teacher-model-path: missing.pth: no such file"),
     ],
 )
@@ -147,3 +152,88 @@ def test_teacher_with_another_class_count_or_corrupt_file(synthetic_root, tmp_pa
         with pytest.raises(UserError, match=message):
             train_distillation.main(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(path),
                                          "--previous-student-model-path", "none"))
+
+
+def records_of(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kd", ["dist", "kl"])
+def test_each_kd_loss_trains_with_ce_and_kd_of_comparable_size(teacher, synthetic_root, tmp_path, kd):
+    # The defaults: CE at full weight plus 1.0 x KD at T = 1, on the classifiers' 1/8 logits.
+    assert train_distillation.main(argv(synthetic_root, tmp_path, "--experiment-id", kd, "--epochs", "2",
+                                        "--kd-loss", kd, "--trained-teacher-model-path", str(teacher),
+                                        "--previous-student-model-path", "none")) == 0
+    stage = tmp_path / kd / "profile-1"
+    for record in records_of(stage):
+        ce, kd_value = record["train_ce_loss"], record["train_kd_loss"]
+        assert math.isfinite(ce) and math.isfinite(kd_value) and kd_value > 0, record
+        assert 0.1 < kd_value / ce < 10, record
+    cfg = json.loads((stage / "config.json").read_text())
+    assert (cfg["kd_loss"], cfg["kd_weight"], cfg["temperature"], cfg["alpha"]) == (kd, 1.0, 1.0, None)
+
+
+def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthetic_root, tmp_path):
+    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher)),
+                            train_distillation.constants(), extend=train_distillation.add_distillation_flags)
+    torch.manual_seed(0)
+    student = build_model("fast_scnn", aux=True).train()
+    objective, _ = train_distillation.build_objective(args, torch.device("cpu"), student)
+    teacher_model, _ = load_model(teacher)
+    images, labels, _ = next(iter(build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0,
+                                               shuffle=False, seed=0)))
+    x, y = prepare_batch(images, labels, "cpu", train=False)
+    y[:, :8] = 255
+    # What the two classifiers give for this batch, read by hooks of our own (dropout off for a fair replay).
+    student.eval()
+    ours_s, ours_t = ClassifierLogits(student), ClassifierLogits(teacher_model)
+    student(x)
+    with torch.no_grad():
+        teacher_model(x)
+    low_s, low_t = ours_s.take(), ours_t.take()
+    assert low_s.shape[-2:] == low_t.shape[-2:] == (6, 12)  # 48x96 crops: Fast-SCNN's 1/8 grid
+    _, parts = objective(student, x, y)
+    assert parts["kd"].item() == pytest.approx(dist_loss(low_s, low_t, y).item(), rel=1e-5)
+    # and not the distillation of the upsampled outputs, which differs
+    assert parts["kd"].item() != pytest.approx(dist_loss(student(x), teacher_model(x), y).item(), rel=1e-3)
+    # the cross-entropy stays on the full-resolution output: a training-mode student returns (main, aux)
+    student.train()
+    torch.manual_seed(1)
+    _, parts = objective(student, x, y)
+    torch.manual_seed(1)
+    main, _ = student(x)
+    assert parts["ce"].item() == pytest.approx(cross_entropy(main, y).item(), rel=1e-5)
+
+
+def test_teacher_input_teacher_scales_the_batch_to_the_teachers_resolution(teacher, synthetic_root, tmp_path):
+    # The teacher was trained on 128x64 images; this student trains on 64x32 ones: the teacher sees 2x.
+    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher),
+                                 "--resize", "64x32", "--patch", "48x24", "--teacher-input", "teacher", "--kd-loss",
+                                 "kl"), train_distillation.constants(), extend=train_distillation.add_distillation_flags)
+    student = build_model("fast_scnn").eval()  # eval: the replay below gives the same logits
+    objective, extra = train_distillation.build_objective(args, torch.device("cpu"), student)
+    assert extra["teacher"]["input_scale"] == [2.0, 2.0] and extra["teacher"]["resize"] == [128, 64]
+    teacher_model = next(c.cell_contents for c in objective.__closure__
+                         if isinstance(c.cell_contents, torch.nn.Module))
+    seen = []
+    teacher_model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    x = torch.randn(2, 3, 24, 48)
+    y = torch.randint(0, 19, (2, 24, 48))
+    loss, parts = objective(student, x, y)
+    assert seen == [(48, 96)]
+    # its logits come back to the student's 1/8 grid: the KD equals the KL against them resized there
+    probe = ClassifierLogits(teacher_model)
+    with torch.no_grad():
+        teacher_model(torch.nn.functional.interpolate(x, size=(48, 96), mode="bilinear", align_corners=False))
+    head = ClassifierLogits(student)
+    student(x)
+    assert parts["kd"].item() == pytest.approx(kd_loss(head.take(), probe.take(), y).item(), rel=1e-4)
+    loss.backward()
+
+
+def test_teacher_input_teacher_needs_a_checkpoint_that_knows_its_resolution(synthetic_root, tmp_path):
+    plain = tmp_path / "plain.pth"
+    torch.save(build_model("fast_scnn").state_dict(), plain)
+    with pytest.raises(UserError, match="--teacher-input teacher: .*plain.pth does not say at which resolution"):
+        train_distillation.main(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(plain),
+                                     "--teacher-input", "teacher", "--previous-student-model-path", "none"))

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, TINY_ARGS
 
 import train
+from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.distributed import env_dist_info, expand_hostlist, first_slurm_host, master_port
@@ -102,8 +103,7 @@ def test_train_py_under_torchrun_with_two_processes(synthetic_root, tmp_path, on
     assert len(lines) == 1  # rank 0 alone writes
     assert result.stdout.count("epoch 1/1: train loss") == 1  # and prints
     record = json.loads(lines[0])
-    model = build_model("fast_scnn")
-    model.load_state_dict(torch.load(stage / "last.pth", weights_only=True)["model"])
+    model, _ = load_model(stage / "last.pth")  # trained with the recipe's auxiliary heads, scored without
     single = evaluate(model, build_loader(SegmentationDataset(synthetic_root, "val", TINY, train=False), 2, 0,
                                           shuffle=False, seed=0), torch.device("cpu"))
     # Rank 0 saved the weights; both ranks scored them (rank 0's BatchNorm statistics) and summed the counts.

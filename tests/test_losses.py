@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.errors import UserError
-from fastseg.losses import DistillationLoss, SegmentationLoss, cross_entropy, cwd_loss, kd_loss
+from fastseg.losses import DistillationLoss, SegmentationLoss, cross_entropy, cwd_loss, dist_loss, kd_loss
 
 
 def _logits(*shape, seed=0):
@@ -210,41 +210,165 @@ def test_cwd_matches_hand_computation_zero_for_equal_positive_otherwise():
     assert cwd_loss(student, student.clone()).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_distillation_loss_combines_terms():
+def _dist_reference(student, teacher, target, temperature, beta=1.0, gamma=1.0, ignore_index=255):
+    """DIST written out: pixel by pixel, class by class, with numpy's corrcoef."""
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n, c, h, w = s.shape
+    ps, pt = [], []  # the class-probability vectors of the labelled pixels of the whole batch
+    for b in range(n):
+        for y in range(h):
+            for x in range(w):
+                if target is not None and int(target[b, y, x]) == ignore_index:
+                    continue
+                ps.append(_softmax(s[b, :, y, x] / temperature))
+                pt.append(_softmax(t[b, :, y, x] / temperature))
+    inter = np.mean([1 - np.corrcoef(a, b)[0, 1] for a, b in zip(ps, pt)])
+    ps, pt = np.array(ps), np.array(pt)
+    intra = np.mean([1 - np.corrcoef(ps[:, k], pt[:, k])[0, 1] for k in range(c)])
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def test_dist_matches_per_pixel_and_per_class_correlations():
+    student, teacher = _logits(2, 5, 3, 4, seed=30), _logits(2, 5, 3, 4, seed=31)
+    target = torch.randint(0, 5, (2, 3, 4), generator=torch.Generator().manual_seed(32))
+    target[1, 0, :] = 255
+    for temperature, beta, gamma in ((1.0, 1.0, 1.0), (2.0, 0.5, 2.0)):
+        got = dist_loss(student, teacher, target, temperature, beta, gamma)
+        want = _dist_reference(student, teacher, target, temperature, beta, gamma)
+        assert got.item() == pytest.approx(want, rel=1e-5)
+    assert dist_loss(student, teacher).item() == pytest.approx(_dist_reference(student, teacher, None, 1.0), rel=1e-5)
+    assert dist_loss(student, student.clone(), target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dist_ignores_255_and_resizes_the_teacher():
+    student, teacher = _logits(1, 4, 4, 4, seed=33), _logits(1, 4, 8, 8, seed=34)
+    target = torch.randint(0, 4, (1, 8, 8), generator=torch.Generator().manual_seed(35))
+    target[0, :4] = 255  # the top half, at the labels' size: rows 0-1 of the 4x4 grid
+    resized = F.interpolate(teacher, size=(4, 4), mode="bilinear", align_corners=False)
+    before = dist_loss(student, teacher, target)
+    assert before.item() == pytest.approx(dist_loss(student[..., 2:, :], resized[..., 2:, :]).item(), rel=1e-5)
+    student2 = student.clone()
+    student2[..., :2, :] = 100.0 * torch.randn(1, 4, 2, 4)
+    assert dist_loss(student2, teacher, target).item() == pytest.approx(before.item(), rel=1e-5)
+
+
+def test_dist_all_ignored_is_zero_with_gradient():
+    student = _logits(1, 3, 2, 2).requires_grad_()
+    loss = dist_loss(student, _logits(1, 3, 2, 2, seed=1), torch.full((1, 2, 2), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_dist_gradient_reaches_student_only():
+    student = _logits(2, 4, 3, 3, seed=37).requires_grad_()
+    teacher = _logits(2, 4, 3, 3, seed=38).requires_grad_()
+    dist_loss(student, teacher).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_distillation_loss_forms():
     student, aux = _logits(2, 4, 3, 3, seed=21), _logits(2, 4, 3, 3, seed=22)
     teacher = _logits(2, 4, 3, 3, seed=23)
     target = torch.randint(0, 4, (2, 3, 3), generator=torch.Generator().manual_seed(24))
     target[1, 2, 2] = 255
     ce = F.cross_entropy(student, target, ignore_index=255)
     ce_aux = F.cross_entropy(aux, target, ignore_index=255)
-    kd = kd_loss(student, teacher, target, temperature=2.0)
-    cwd = cwd_loss(student, teacher, temperature=2.0)
+    kl = kd_loss(student, teacher, target, temperature=2.0)
+    dist = dist_loss(student, teacher, target, temperature=2.0)
+    cwd = cwd_loss(student, teacher, temperature=4.0)
 
-    total, parts = DistillationLoss(alpha=0.3, temperature=2.0)((student, aux), teacher, target)
-    assert total.item() == pytest.approx((0.7 * (ce + 0.4 * ce_aux) + 0.3 * kd).item(), rel=1e-6)
+    # the published form: the cross-entropy at full weight, the distillation added
+    total, parts = DistillationLoss(kd="dist", kd_weight=0.5, temperature=2.0)((student, aux), teacher, target)
+    assert total.item() == pytest.approx((ce + 0.4 * ce_aux + 0.5 * dist).item(), rel=1e-6)
     assert set(parts) == {"ce", "aux", "kd"}
-    assert parts["kd"].item() == pytest.approx(kd.item(), rel=1e-6)
-
-    total, parts = DistillationLoss(alpha=0.3, temperature=2.0, cwd_weight=0.5)(student, teacher, target)
-    assert total.item() == pytest.approx((0.7 * ce + 0.3 * kd + 0.5 * cwd).item(), rel=1e-6)
+    assert parts["kd"].item() == pytest.approx(dist.item(), rel=1e-6)
+    total, parts = DistillationLoss(kd="kl", kd_weight=1.0, temperature=2.0, cwd_weight=3.0, cwd_temperature=4.0)(
+        student, teacher, target)
+    assert total.item() == pytest.approx((ce + kl + 3.0 * cwd).item(), rel=1e-6)
     assert parts["cwd"].item() == pytest.approx(cwd.item(), rel=1e-6)
 
-    only_ce, _ = DistillationLoss(alpha=0.0)(student, teacher, target)
+    # the earlier form: alpha blends the two, kd_weight is not used
+    total, _ = DistillationLoss(kd="kl", kd_weight=7.0, alpha=0.3, temperature=2.0)((student, aux), teacher, target)
+    assert total.item() == pytest.approx((0.7 * (ce + 0.4 * ce_aux) + 0.3 * kl).item(), rel=1e-6)
+    only_ce, _ = DistillationLoss(kd="kl", alpha=0.0)(student, teacher, target)
     assert only_ce.item() == pytest.approx(ce.item(), rel=1e-6)
 
     # A student with two auxiliary outputs (Fast-SCNN with aux); the teacher returned a tuple too.
     aux2 = _logits(2, 4, 3, 3, seed=33)
     ce_aux2 = F.cross_entropy(aux2, target, ignore_index=255)
-    total, parts = DistillationLoss(alpha=0.3, temperature=2.0)((student, aux, aux2), (teacher, aux2), target)
-    expected = 0.7 * (ce + 0.4 * (ce_aux + ce_aux2)) + 0.3 * kd
+    total, parts = DistillationLoss(kd="kl", alpha=0.3, temperature=2.0)((student, aux, aux2), (teacher, aux2), target)
+    expected = 0.7 * (ce + 0.4 * (ce_aux + ce_aux2)) + 0.3 * kl
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert set(parts) == {"ce", "aux", "kd"}
     assert parts["aux"].item() == pytest.approx((ce_aux + ce_aux2).item(), rel=1e-6)
 
 
+def test_distillation_loss_distils_the_given_logits_and_takes_ce_on_the_output():
+    low = _logits(2, 4, 3, 5, seed=40)  # a classifier's logits at 1/8
+    output = F.interpolate(low, size=(24, 40), mode="bilinear", align_corners=True)  # the model's output
+    teacher = _logits(2, 4, 6, 10, seed=41)
+    target = torch.randint(0, 4, (2, 24, 40), generator=torch.Generator().manual_seed(42))
+    target[:, :8] = 255
+    for kd, fn in (("dist", dist_loss), ("kl", kd_loss)):
+        total, parts = DistillationLoss(kd=kd)((output, output), teacher, target, student_logits=low)
+        assert parts["kd"].item() == pytest.approx(fn(low, teacher, target).item(), rel=1e-6)
+        assert parts["ce"].item() == pytest.approx(cross_entropy(output, target).item(), rel=1e-6)
+        assert total.item() == pytest.approx((1.4 * parts["ce"] + parts["kd"]).item(), rel=1e-6)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before: CUDA's counter on a GPU,
+    the profiler's record of every allocation and free on the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    level = top = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        level += event.self_cpu_memory_usage
+        top = max(top, level)
+    return top
+
+
+@pytest.mark.parametrize("loss", [dist_loss, kd_loss])
+def test_distilling_on_the_eighth_grid_needs_a_fraction_of_the_memory(loss):
+    # Profile 1's crops (448x224): Fast-SCNN's classifier gives 56x28 logits, the model's output 448x224.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    low_student = _logits(2, 19, 28, 56, seed=43).to(device)
+    low_teacher = _logits(2, 19, 28, 56, seed=44).to(device)
+    target = torch.randint(0, 19, (2, 224, 448), generator=torch.Generator().manual_seed(45)).to(device)
+
+    def up(x):
+        return F.interpolate(x, size=(224, 448), mode="bilinear", align_corners=True)
+
+    full_student, full_teacher = up(low_student), up(low_teacher)
+
+    def run(student, teacher):
+        student = student.clone().requires_grad_()
+        return lambda: loss(student, teacher, target).backward()
+
+    low = _peak_bytes(run(low_student, low_teacher))
+    full = _peak_bytes(run(full_student, full_teacher))
+    print(f"{loss.__name__}: peak {low / 2**20:.2f} MiB on the 1/8 grid, {full / 2**20:.2f} MiB at full resolution")
+    assert 0 < low < full / 16, (low, full)  # 64x fewer pixels; the labels at full size are read by both
+
+
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
+        ({"kd": "mse"}, "--kd-loss"),
+        ({"kd_weight": -1.0}, "--kd-weight"),
+        ({"kd_weight": float("nan")}, "--kd-weight"),
+        ({"cwd_temperature": 0.0}, "--cwd-temperature"),
         ({"alpha": -0.1}, "--alpha"),
         ({"alpha": 1.5}, "--alpha"),
         ({"alpha": float("nan")}, "--alpha"),
