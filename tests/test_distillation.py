@@ -168,7 +168,9 @@ def test_each_kd_loss_trains_with_ce_and_kd_of_comparable_size(teacher, syntheti
     for record in records_of(stage):
         ce, kd_value = record["train_ce_loss"], record["train_kd_loss"]
         assert math.isfinite(ce) and math.isfinite(kd_value) and kd_value > 0, record
-        assert 0.1 < kd_value / ce < 10, record
+        # Same scale: a KD summed over pixels (as this project's earliest form) was 10^4-10^5 times the CE;
+        # an average over pixels stays within about an order of magnitude of it, here as the teacher allows.
+        assert 1 / 30 < kd_value / ce < 30, record
     cfg = json.loads((stage / "config.json").read_text())
     assert (cfg["kd_loss"], cfg["kd_weight"], cfg["temperature"], cfg["alpha"]) == (kd, 1.0, 1.0, None)
 
@@ -196,12 +198,12 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
     assert parts["kd"].item() == pytest.approx(dist_loss(low_s, low_t, y).item(), rel=1e-5)
     # and not the distillation of the upsampled outputs, which differs
     assert parts["kd"].item() != pytest.approx(dist_loss(student(x), teacher_model(x), y).item(), rel=1e-3)
-    # the cross-entropy stays on the full-resolution output: a training-mode student returns (main, aux)
+    # the cross-entropy stays on the full-resolution output: a training-mode student returns (main, aux...)
     student.train()
     torch.manual_seed(1)
     _, parts = objective(student, x, y)
     torch.manual_seed(1)
-    main, _ = student(x)
+    main = student(x)[0]
     assert parts["ce"].item() == pytest.approx(cross_entropy(main, y).item(), rel=1e-5)
 
 
