@@ -579,6 +579,7 @@ def test_bench_data_runs_both_modes(cityscapes: Path, monkeypatch, capsys):
         "2",
         "--threads",
         "1",
+        "--scale-aug",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()
@@ -589,7 +590,14 @@ def test_bench_data_runs_both_modes(cityscapes: Path, monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("images/s ") and float(lines[-1].split()[1]) > 0
     assert any(line.startswith("cache: built") for line in lines)
-    for prefix in ("fast loader alone", "fast: ", "plain: ", "ratio fast/plain"):
+    for prefix in (
+        "fast loader alone (uint8 batches): ",
+        "fast loader alone (uint8 batches), scale aug: ",
+        "fast: ",
+        "fast, scale aug: ",
+        "plain: ",
+        "ratio fast/plain",
+    ):
         assert any(line.startswith(prefix) for line in lines), prefix
     assert any(line.startswith("plain:") for line in lines) and any(
         line.startswith("ratio") for line in lines
