@@ -7,8 +7,10 @@
 fast:  fastseg.data.SegmentationDataset + build_loader (cached, pre-resized uint8 arrays; crop and flip in
        the workers) and prepare_batch on the CPU (colour jitter, normalisation), i.e. everything up to
        the float batch a model takes. Printed first: the loader alone (uint8 batches), which is the CPU's
-       share on a GPU node, where prepare_batch runs on the GPU. With --scale-aug each figure is followed
-       by the same measurement with the random scale 0.5-2.0 before the crop, and its ratio to the first.
+       share on a GPU node, where prepare_batch runs on the GPU. Before them, the CPU time of one item in
+       one process (the crop's own cost, which other jobs on the machine do not change). With --scale-aug
+       each figure is followed by the same measurement with the random scale 0.5-2.0 before the crop, and
+       its ratio to the first.
 plain: torchvision Cityscapes(target_type="semantic") decoding the PNGs at every step, transforms.v2
        Resize/RandomCrop/RandomHorizontalFlip/ColorJitter(0.3, 0.3, 0.3, 0.1)/Normalize, label ids
        mapped to train ids with Tensor.apply_.
@@ -88,6 +90,22 @@ def timed_batches(loader, batches: int, warmup: int, step=None) -> tuple[float, 
     return images / seconds, seconds
 
 
+def item_cpu_ms(dataset: SegmentationDataset, items: int) -> float:
+    """CPU milliseconds per training item (cache read, crop, flip) in this process on one torch thread, as in
+    a loader worker: unlike images/s, other processes sharing the cores leave it unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        keys = [(0, k // len(dataset), k % len(dataset)) for k in range(items)]
+        dataset[keys[0]]
+        t0 = time.thread_time()
+        for key in keys:
+            dataset[key]
+        return (time.thread_time() - t0) / items * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bench_fast(args, profile: Profile) -> float:
     samples = list_samples(args.data_dir, "train")
     present = open_cache(args.data_dir, "train", samples, profile.resize_hw, args.cache_dir, build=False)
@@ -114,6 +132,9 @@ def bench_fast(args, profile: Profile) -> float:
     # What the loader alone hands over (uint8 crops): on a GPU node prepare_batch runs on the GPU, so this
     # is the pace the CPU side sets there. The scale-aug loader is timed right after the plain one, so both
     # see the same load from other processes as far as possible.
+    cpu = {s: item_cpu_ms(ds, args.batches * args.batch_size) for s, ds in datasets.items()}
+    versus = f"; scale aug: {cpu[True]:.2f} ms ({cpu[True] / cpu[False]:.1f}x)" if args.scale_aug else ""
+    print(f"fast item CPU (1 thread): {cpu[False]:.2f} ms{versus}", flush=True)
     rates = {}
     for name, batch_step in (("fast loader alone (uint8 batches)", None), ("fast", step)):
         for scale_aug, loader in loaders.items():

@@ -669,6 +669,7 @@ def test_bench_data_runs_both_modes(cityscapes: Path, monkeypatch, capsys):
     assert lines[-1].startswith("images/s ") and float(lines[-1].split()[1]) > 0
     assert any(line.startswith("cache: built") for line in lines)
     for prefix in (
+        "fast item CPU (1 thread): ",
         "fast loader alone (uint8 batches): ",
         "fast loader alone (uint8 batches), scale aug: ",
         "fast: ",
