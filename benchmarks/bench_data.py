@@ -6,11 +6,11 @@
 
 fast:  fastseg.data.SegmentationDataset + build_loader (cached, pre-resized uint8 arrays; crop and flip in
        the workers) and prepare_batch on the CPU (colour jitter, normalisation), i.e. everything up to
-       the float batch a model takes. Printed first: the loader alone (uint8 batches), which is the CPU's
-       share on a GPU node, where prepare_batch runs on the GPU. Before them, the CPU time of one item in
-       one process (the crop's own cost, which other jobs on the machine do not change). With --scale-aug
-       each figure is followed by the same measurement with the random scale 0.5-2.0 before the crop, and
-       its ratio to the first.
+       the float batch a model takes. Printed first: the CPU time of one item in one process (the crop's
+       own cost, which other jobs on the machine do not change); then the loader alone (uint8 batches),
+       which is the CPU's share on a GPU node, where prepare_batch runs on the GPU. With --scale-aug each
+       figure is followed by the same measurement with the random scale 0.5-2.0 before the crop, and its
+       ratio to the first.
 plain: torchvision Cityscapes(target_type="semantic") decoding the PNGs at every step, transforms.v2
        Resize/RandomCrop/RandomHorizontalFlip/ColorJitter(0.3, 0.3, 0.3, 0.1)/Normalize, label ids
        mapped to train ids with Tensor.apply_.
@@ -129,12 +129,12 @@ def bench_fast(args, profile: Profile) -> float:
     def step(batch):
         prepare_batch(batch[0], batch[1], "cpu", train=True, generator=generator)
 
-    # What the loader alone hands over (uint8 crops): on a GPU node prepare_batch runs on the GPU, so this
-    # is the pace the CPU side sets there. The scale-aug loader is timed right after the plain one, so both
-    # see the same load from other processes as far as possible.
     cpu = {s: item_cpu_ms(ds, args.batches * args.batch_size) for s, ds in datasets.items()}
     versus = f"; scale aug: {cpu[True]:.2f} ms ({cpu[True] / cpu[False]:.1f}x)" if args.scale_aug else ""
     print(f"fast item CPU (1 thread): {cpu[False]:.2f} ms{versus}", flush=True)
+    # What the loader alone hands over (uint8 crops): on a GPU node prepare_batch runs on the GPU, so this
+    # is the pace the CPU side sets there. The scale-aug loader is timed right after the plain one, so both
+    # see the same load from other processes as far as possible.
     rates = {}
     for name, batch_step in (("fast loader alone (uint8 batches)", None), ("fast", step)):
         for scale_aug, loader in loaders.items():

@@ -83,7 +83,8 @@ def _rescaled_region(
     # folded into the column order (~2x faster than torch's nearest on a copy of the region).
     rows = y + _nearest_indices(src_h, out_h)
     cols = x + _nearest_indices(src_w, out_w)
-    label = np.take(label, rows, axis=0).take(cols[::-1] if flip else cols, axis=1)
+    # (asarray: a plain view of the memory map, so that the result is a plain array, not a np.memmap)
+    label = np.asarray(label).take(rows, axis=0).take(cols[::-1] if flip else cols, axis=1)
     resized = resize_image(torch.from_numpy(np.array(image[:, y : y + src_h, x : x + src_w])), out_hw)
     if flip:  # torch's flip is vectorised: ~10x faster than numpy's reversed copy of uint8
         resized = torch.flip(resized, [-1])
