@@ -2,18 +2,23 @@
 
     python benchmarks/bench_data.py --data-dir data/cityscapes --profile 1
     python benchmarks/bench_data.py --profile 5 --mode both --batches 30 --workers 2 --batch-size 8
+    python benchmarks/bench_data.py --profile 5 --mode fast --batches 60 --scale-aug
 
 fast:  fastseg.data.SegmentationDataset + build_loader (cached, pre-resized uint8 arrays; crop and flip in
        the workers) and prepare_batch on the CPU (colour jitter, normalisation), i.e. everything up to
-       the float batch a model takes. Printed first: the loader alone (uint8 batches), which is the CPU's
-       share on a GPU node, where prepare_batch runs on the GPU.
+       the float batch a model takes. Printed first: the CPU time of one item in one process (the crop's
+       own cost, which other jobs on the machine do not change); then the loader alone (uint8 batches),
+       which is the CPU's share on a GPU node, where prepare_batch runs on the GPU. With --scale-aug each
+       figure is followed by the same measurement with the random scale 0.5-2.0 before the crop, and its
+       ratio to the first.
 plain: torchvision Cityscapes(target_type="semantic") decoding the PNGs at every step, transforms.v2
        Resize/RandomCrop/RandomHorizontalFlip/ColorJitter(0.3, 0.3, 0.3, 0.1)/Normalize, label ids
        mapped to train ids with Tensor.apply_.
 
 The cache is built first when missing, and its time reported on its own line. Without --data-dir a
 synthetic set of full-size (2048×1024) images is generated once into the temp directory and reused.
-The last line is ``images/s X`` for the fast loader (the plain one's when --mode plain).
+The last line is ``images/s X`` for the fast loader without scale aug (the plain one's when --mode
+plain).
 """
 
 from __future__ import annotations
@@ -82,32 +87,63 @@ def timed_batches(loader, batches: int, warmup: int, step=None) -> tuple[float, 
     return images / seconds, seconds
 
 
+def item_cpu_ms(dataset: SegmentationDataset, items: int) -> float:
+    """CPU milliseconds per training item (cache read, crop, flip) in this process on one torch thread, as in
+    a loader worker: unlike images/s, other processes sharing the cores leave it unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        keys = [(0, k // len(dataset), k % len(dataset)) for k in range(items)]
+        dataset[keys[0]]
+        t0 = time.thread_time()
+        for key in keys:
+            dataset[key]
+        return (time.thread_time() - t0) / items * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bench_fast(args, profile: Profile) -> float:
     samples = list_samples(args.data_dir, "train")
     present = open_cache(args.data_dir, "train", samples, profile.resize_hw, args.cache_dir, build=False)
     t0 = time.perf_counter()
-    dataset = SegmentationDataset(
-        args.data_dir, "train", profile, train=True, cache_dir=args.cache_dir, scale_aug=args.scale_aug
-    )
+    datasets = {
+        scale_aug: SegmentationDataset(
+            args.data_dir, "train", profile, train=True, cache_dir=args.cache_dir, scale_aug=scale_aug
+        )
+        for scale_aug in ([False, True] if args.scale_aug else [False])
+    }
     took = time.perf_counter() - t0
     print(
-        f"cache: {'present, opened' if present else 'built'} in {took:.1f} s ({len(dataset)} images)",
+        f"cache: {'present, opened' if present else 'built'} in {took:.1f} s ({len(datasets[False])} images)",
         flush=True,
     )
-    loader = build_loader(dataset, args.batch_size, args.workers, shuffle=True, seed=0)
+    loaders = {
+        s: build_loader(ds, args.batch_size, args.workers, shuffle=True, seed=0) for s, ds in datasets.items()
+    }
     generator = torch.Generator().manual_seed(0)
 
     def step(batch):
         prepare_batch(batch[0], batch[1], "cpu", train=True, generator=generator)
 
+    cpu = {s: item_cpu_ms(ds, args.batches * args.batch_size) for s, ds in datasets.items()}
+    versus = f"; scale aug: {cpu[True]:.2f} ms ({cpu[True] / cpu[False]:.1f}x)" if args.scale_aug else ""
+    print(f"fast item CPU (1 thread): {cpu[False]:.2f} ms{versus}", flush=True)
     # What the loader alone hands over (uint8 crops): on a GPU node prepare_batch runs on the GPU, so this
-    # is the pace the CPU side sets there.
-    raw, raw_seconds = timed_batches(loader, args.batches, args.warmup)
-    print(f"fast loader alone (uint8 batches): {raw:8.1f} images/s ({args.batches} batches in {raw_seconds:.1f} s)",
-          flush=True)
-    rate, seconds = timed_batches(loader, args.batches, args.warmup, step)
-    print(f"fast:  {rate:8.1f} images/s ({args.batches} batches in {seconds:.1f} s)", flush=True)
-    return rate
+    # is the pace the CPU side sets there. The scale-aug loader is timed right after the plain one, so both
+    # see the same load from other processes as far as possible.
+    rates = {}
+    for name, batch_step in (("fast loader alone (uint8 batches)", None), ("fast", step)):
+        for scale_aug, loader in loaders.items():
+            rate, seconds = timed_batches(loader, args.batches, args.warmup, batch_step)
+            rates[name, scale_aug] = rate
+            what = f"{name}, scale aug:" if scale_aug else f"{name}:"
+            versus = f"; {rate / rates[name, False]:.2f} of without" if scale_aug else ""
+            print(
+                f"{what:<47} {rate:8.1f} images/s ({args.batches} batches in {seconds:.1f} s{versus})",
+                flush=True,
+            )
+    return rates["fast", False]
 
 
 class PlainTransforms:
@@ -179,7 +215,11 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mode", choices=["fast", "plain", "both"], default="both")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: as the trainers (see fastseg.cache)")
-    p.add_argument("--scale-aug", action="store_true", help="fast loader with the random 0.5-2.0 scale")
+    p.add_argument(
+        "--scale-aug",
+        action="store_true",
+        help="also time the fast loader with the random 0.5-2.0 scale, printed beside the figure without it",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -40,6 +40,6 @@ echo "==> distillation step (a Fast-SCNN teacher's forward added), per profile"
 echo "==> Fast-SCNN inference per profile (BN folded, channels_last, AMP; batch 1)"
 "$PY" -m benchmarks.bench_model --device cuda --fold-bn --channels-last --runs 100 --warmup 20
 
-echo "==> data loader (the CPU side), profiles 1 and 5, 8 workers"
-"$PY" benchmarks/bench_data.py --profile 1 --mode fast --workers 8 --batch-size 16 --batches 100
-"$PY" benchmarks/bench_data.py --profile 5 --mode fast --workers 8 --batch-size 16 --batches 30
+echo "==> data loader (the CPU side), profiles 1 and 5, 8 workers, with and without scale aug"
+"$PY" benchmarks/bench_data.py --profile 1 --mode fast --workers 8 --batch-size 16 --batches 100 --scale-aug
+"$PY" benchmarks/bench_data.py --profile 5 --mode fast --workers 8 --batch-size 16 --batches 30 --scale-aug

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from fastseg.cityscapes import IGNORE_INDEX, MEAN, STD, resize_image, resize_label
+from fastseg.cityscapes import IGNORE_INDEX, MEAN, STD, resize_image
 
 # The train transform's colour jitter, as torchvision's ColorJitter(0.3, 0.3, 0.3, 0.1).
 JITTER_BRIGHTNESS = 0.3
@@ -31,7 +31,10 @@ def train_crop(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random (scale,) crop and flip of one cached sample; returns fresh C-contiguous arrays of the patch size.
 
-    Without scale the crop is a slice of the memory map, so only the patch's pixels are read.
+    Without scale the crop is a slice of the memory map, so only the patch's pixels are read. With scale
+    (uniform in ``SCALE_RANGE``) the patch is a crop of the rescaled sample, bilinear (antialiased) for the
+    image and nearest for the label; where the rescaled sample is smaller than the patch, the patch is
+    padded at the bottom and right, the image with 0 and the label with ``IGNORE_INDEX``.
     """
     ph, pw = patch_hw
     h, w = label.shape
@@ -43,22 +46,49 @@ def train_crop(
         out_h, out_w = min(ph, max(1, round(h * scale))), min(pw, max(1, round(w * scale)))
         src_h, src_w = min(h, max(1, round(out_h / scale))), min(w, max(1, round(out_w / scale)))
         y, x = int(rng.integers(0, h - src_h + 1)), int(rng.integers(0, w - src_w + 1))
-        region = torch.from_numpy(np.array(image[:, y : y + src_h, x : x + src_w]))
-        region_label = torch.from_numpy(np.array(label[y : y + src_h, x : x + src_w]))
-        image = resize_image(region, (out_h, out_w)).numpy()
-        label = resize_label(region_label, (out_h, out_w)).numpy()
+        image, label = _rescaled_region(image, label, (y, x, src_h, src_w), (out_h, out_w), flip)
     else:
         y, x = int(rng.integers(0, max(h - ph, 0) + 1)), int(rng.integers(0, max(w - pw, 0) + 1))
         image, label = image[:, y : y + ph, x : x + pw], label[y : y + ph, x : x + pw]
-    if flip:
-        image, label = image[:, :, ::-1], label[:, ::-1]
+        if flip:
+            image, label = image[:, :, ::-1], label[:, ::-1]
+        image, label = np.array(image, order="C"), np.array(label, order="C")
     if label.shape != (ph, pw):  # smaller than the patch: pad bottom/right, labels with the ignore value
         padded_image = np.zeros((3, ph, pw), dtype=np.uint8)
         padded_label = np.full((ph, pw), IGNORE_INDEX, dtype=np.uint8)
         padded_image[:, : label.shape[0], : label.shape[1]] = image
         padded_label[: label.shape[0], : label.shape[1]] = label
         return padded_image, padded_label
-    return np.array(image, order="C"), np.array(label, order="C")
+    return image, label
+
+
+def _nearest_indices(src: int, out: int) -> np.ndarray:
+    """For each of ``out`` pixels resampling ``src``, the nearest source pixel: half-pixel centres, the grid
+    of :func:`~fastseg.cityscapes.resize_image` (and of torch's ``nearest-exact``)."""
+    return np.minimum(((np.arange(out) + 0.5) * (src / out)).astype(np.intp), src - 1)
+
+
+def _rescaled_region(
+    image: np.ndarray,
+    label: np.ndarray,
+    region: tuple[int, int, int, int],
+    out_hw: tuple[int, int],
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The region ``(y, x, h, w)`` of a sample resized to ``out_hw``, mirrored when ``flip``; fresh
+    C-contiguous arrays."""
+    y, x, src_h, src_w = region
+    out_h, out_w = out_hw
+    # Nearest needs only the sampled rows and columns: two takes straight from the memory map, the mirror
+    # folded into the column order (~2x faster than torch's nearest on a copy of the region).
+    rows = y + _nearest_indices(src_h, out_h)
+    cols = x + _nearest_indices(src_w, out_w)
+    # (asarray: a plain view of the memory map, so that the result is a plain array, not a np.memmap)
+    label = np.asarray(label).take(rows, axis=0).take(cols[::-1] if flip else cols, axis=1)
+    resized = resize_image(torch.from_numpy(np.array(image[:, y : y + src_h, x : x + src_w])), out_hw)
+    if flip:  # torch's flip is vectorised: ~10x faster than numpy's reversed copy of uint8
+        resized = torch.flip(resized, [-1])
+    return resized.numpy(), label
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,8 +16,16 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+import fastseg.augment
 import fastseg.cache
-from fastseg.augment import _affine_bmm, _affine_cpu, _channel_means_cpu, _jitter_affine, prepare_batch
+from fastseg.augment import (
+    _affine_bmm,
+    _affine_cpu,
+    _channel_means_cpu,
+    _jitter_affine,
+    prepare_batch,
+    train_crop,
+)
 from fastseg.cache import CACHE_ENV
 from fastseg.cityscapes import (
     CLASS_NAMES,
@@ -365,16 +373,85 @@ def test_train_items_keep_image_and_label_aligned(cityscapes: Path, scale_aug: b
     assert checked > 500
 
 
-def test_scale_aug_rescales_and_pads_with_ignore(cityscapes: Path):
+def test_scale_aug_items_are_patches_of_train_ids_padded_at_bottom_right(cityscapes: Path):
     ds = SegmentationDataset(
         cityscapes, "train", Profile(0, (48, 24), (40, 20)), train=True, scale_aug=True
     )
+    valid = set(range(NUM_CLASSES)) | {255}
     padded = 0
-    for e in range(20):
-        image, label, _ = ds[(0, e, 0)]
-        pad = label.numpy() == 255
-        padded += int((pad & (image.numpy().sum(0) == 0)).any())
-    assert padded > 0  # scales below 20/24 leave a border, filled with 255 / black
+    for key in [(0, e, i) for e in range(10) for i in range(len(ds))]:
+        image, label, _ = ds[key]
+        image, label = image.numpy(), label.numpy()
+        assert image.shape == (3, 20, 40) and label.shape == (20, 40) and image.dtype == label.dtype == np.uint8
+        assert set(np.unique(label).tolist()) <= valid, key
+        # The source colours are never black, so black pixels are exactly the padding: a band at the
+        # bottom and/or right, labelled 255.
+        pad = image.sum(0) == 0
+        rows, cols = (~pad).any(1).sum(), (~pad).any(0).sum()
+        inside = np.zeros_like(pad)
+        inside[:rows, :cols] = True
+        assert np.array_equal(pad, ~inside), key
+        assert (label[pad] == 255).all(), key
+        padded += int(pad.any())
+    assert padded > 0  # scales below 20/24 leave a border
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.8, 1.0, 1.45, 2.0])
+def test_scale_aug_patch_is_a_crop_of_the_rescaled_sample(monkeypatch, scale: float):
+    """On a ramp image (red = x, green = 2y), every patch pixel must hold the colour of its place in the
+    rescaled sample and the label of the source pixel nearest to it; the patch must lie inside the sample."""
+    monkeypatch.setattr(fastseg.augment, "SCALE_RANGE", (scale, scale))
+    h, w, ph, pw = 64, 128, 48, 96
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([xx, 2 * yy, np.full_like(xx, 7)]).astype(np.uint8)
+    label = (xx // 16 + 8 * (yy // 32)).astype(np.uint8)  # 16 blocks of 16×32 source pixels, ids 0-15
+    out_h, out_w = min(ph, round(h * scale)), min(pw, round(w * scale))
+    flips = set()
+    for k in range(12):
+        patch, patch_label = train_crop(image, label, (ph, pw), np.random.default_rng([5, 0, k]), True)
+        assert patch.shape == (3, ph, pw) and patch_label.shape == (ph, pw)
+        assert patch.flags.c_contiguous and patch_label.flags.c_contiguous
+        # Below the patch size the rescaled sample is all there is, padded at the bottom and right.
+        assert (patch[:, out_h:] == 0).all() and (patch[:, :, out_w:] == 0).all()
+        assert (patch_label[out_h:] == 255).all() and (patch_label[:, out_w:] == 255).all()
+        patch, patch_label = patch[:, :out_h, :out_w].astype(float), patch_label[:out_h, :out_w]
+        flip = patch[0, :, -1].mean() < patch[0, :, 0].mean()
+        flips.add(flip)
+        if flip:
+            patch, patch_label = patch[:, :, ::-1], patch_label[:, ::-1]
+        # Source coordinates of each patch pixel: x0 + j / scale, y0 + i / scale; the offsets fitted on the
+        # interior (the borders of a resized region are clamped).
+        i, j = np.arange(out_h), np.arange(out_w)
+        m = 2  # margin, in patch pixels
+        x0 = np.mean(patch[0, m:-m, m:-m] - j[m:-m] / scale)
+        y0 = np.mean(patch[1, m:-m, m:-m] / 2 - i[m:-m, None] / scale)
+        src_x, src_y = x0 + j / scale, y0 + i / scale
+        assert np.abs(patch[0, m:-m, m:-m] - src_x[m:-m]).max() <= 1.0
+        assert np.abs(patch[1, m:-m, m:-m] / 2 - src_y[m:-m, None]).max() <= 1.0
+        assert (patch[2] == 7).all()
+        assert src_x[0] >= -0.5 and src_x[-1] <= w - 0.5 and src_y[0] >= -0.5 and src_y[-1] <= h - 0.5
+        # Nearest labels: the block of the source pixel under each patch pixel, away from block edges.
+        expect = (np.round(src_x) // 16)[None, :] + 8 * (np.round(src_y) // 32)[:, None]
+        clear_x = np.abs((src_x + 0.5) / 16 - np.round((src_x + 0.5) / 16)) * 16 > 1
+        clear_y = np.abs((src_y + 0.5) / 32 - np.round((src_y + 0.5) / 32)) * 32 > 1
+        clear = clear_y[:, None] & clear_x[None, :]
+        assert clear.mean() > 0.6 and np.array_equal(patch_label[clear], expect[clear]), k
+        # Class proportions follow: a block wholly inside the patch is 16 × scale pixels wide.
+        for c in np.unique(patch_label[0])[1:-1]:
+            assert abs((patch_label[0] == c).sum() - 16 * scale) <= 1
+    assert flips == {False, True}
+
+
+def test_scale_aug_item_depends_only_on_its_key(cityscapes: Path):
+    keys = [(s, e, i) for s in (0, 1) for e in range(3) for i in range(6)]
+    first = SegmentationDataset(cityscapes, "train", PROFILE, train=True, scale_aug=True)
+    again = SegmentationDataset(cityscapes, "train", PROFILE, train=True, scale_aug=True)
+    items = {key: first[key] for key in keys}
+    for key in reversed(keys):  # another order, another dataset object: the same item
+        image, label, index = again[key]
+        assert torch.equal(image, items[key][0]) and torch.equal(label, items[key][1]) and index == key[2]
+    distinct = {items[key][0].numpy().tobytes() for key in keys}
+    assert len(distinct) == len(keys)  # and every key its own crop
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,8 +470,9 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(all(torch.equal(x, y) for x, y in zip(p, q)) for p, q in zip(a, b))
 
 
-def test_loaders_are_deterministic_and_epochs_differ(cityscapes: Path):
-    ds = SegmentationDataset(cityscapes, "train", PROFILE, train=True)
+@pytest.mark.parametrize("scale_aug", [False, True])
+def test_loaders_are_deterministic_and_epochs_differ(cityscapes: Path, scale_aug: bool):
+    ds = SegmentationDataset(cityscapes, "train", PROFILE, train=True, scale_aug=scale_aug)
     first = _batches(build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
     again = _batches(build_loader(ds, 2, 0, shuffle=True, seed=7), [0, 1, 2])
     assert all(_same(a, b) for a, b in zip(first, again))
@@ -589,6 +667,7 @@ def test_bench_data_runs_both_modes(cityscapes: Path, monkeypatch, capsys):
         "2",
         "--threads",
         "1",
+        "--scale-aug",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()
@@ -599,7 +678,15 @@ def test_bench_data_runs_both_modes(cityscapes: Path, monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("images/s ") and float(lines[-1].split()[1]) > 0
     assert any(line.startswith("cache: built") for line in lines)
-    for prefix in ("fast loader alone", "fast: ", "plain: ", "ratio fast/plain"):
+    for prefix in (
+        "fast item CPU (1 thread): ",
+        "fast loader alone (uint8 batches): ",
+        "fast loader alone (uint8 batches), scale aug: ",
+        "fast: ",
+        "fast, scale aug: ",
+        "plain: ",
+        "ratio fast/plain",
+    ):
         assert any(line.startswith(prefix) for line in lines), prefix
     assert any(line.startswith("plain:") for line in lines) and any(
         line.startswith("ratio") for line in lines
