@@ -3,6 +3,7 @@ and one clear line when neither is there and the network is not."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.error import URLError
 
@@ -12,6 +13,7 @@ import torchvision
 from conftest import TINY_ARGS
 
 import train
+import train_distillation
 from fastseg.errors import UserError
 from fastseg.models import build_model
 
@@ -98,3 +100,12 @@ def test_train_py_starts_the_teacher_from_the_file(synthetic_root, tmp_path):
     assert ckpt["config"]["pretrained_backbone"] == str(tmp_path / "mobilenet_v3_large.pth")
     weight = ckpt["model"]["backbone.0.0.weight"]
     assert torch.allclose(weight, state["features.0.0.weight"], atol=1e-6)
+
+    # ... and that teacher then teaches: its checkpoint carries its architecture to train_distillation.py.
+    assert train_distillation.main([*TINY_ARGS, "--data-dir", str(synthetic_root), "--output-dir", str(tmp_path),
+                                    "--experiment-id", "s", "--epochs", "1", "--previous-student-model-path", "none",
+                                    "--trained-teacher-model-path", str(tmp_path / "t" / "profile-1" / "best.pth")]) == 0
+    config = json.loads((tmp_path / "s" / "profile-1" / "config.json").read_text())
+    assert config["arch"] == "fast_scnn" and config["teacher"]["arch"] == "lraspp_mobilenet_v3_large"
+    record = json.loads((tmp_path / "s" / "profile-1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["train_kd_loss"] > 0 and record["train_ce_loss"] > 0
