@@ -323,8 +323,8 @@ def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
 def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
     """Build the checkpoint's architecture, load it, and return ``(model in eval mode, config)``.
 
-    Strict except for the auxiliary heads, which eval mode never runs: a file from a run with one Fast-SCNN
-    head fits the two-head model that its ``aux`` setting now builds.
+    The model is the one that is deployed and evaluated: without the auxiliary heads, which only training
+    uses (so its parameter count is the model's, not the training aids'). Strict for every other weight.
     """
     from fastseg.models import build_model
 
@@ -333,7 +333,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str =
     model = build_model(
         cfg.get("arch", "fast_scnn"),
         num_classes=int(cfg.get("num_classes", 19)),
-        aux=bool(cfg.get("aux", False)),
+        aux=False,
         width_mult=float(cfg.get("width_mult", 1.0)),
     )
     load_weights(model, {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}, flag=flag, where=path)

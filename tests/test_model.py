@@ -202,14 +202,15 @@ def test_checkpoint_with_any_heads_loads_with_or_without_aux(heads, aux):
 
 
 @pytest.mark.parametrize("stored_config", [True, False])
-def test_load_model_fits_a_one_head_file_into_the_two_head_model(tmp_path, stored_config):
-    # An older run trained with --aux (one head): its config says aux, which now builds both heads.
+def test_load_model_gives_the_deployed_model_without_training_heads(tmp_path, stored_config):
+    # An older run trained with --aux (one head): the model to evaluate or teach with has no aux heads, so
+    # its parameter count is the deployed model's.
     state = _checkpoint_with_heads("auxlayer")
     config = {"arch": "fast_scnn", "num_classes": 19, "width_mult": 1.0, "aux": True}
     torch.save({"model": state, "config": config} if stored_config else state, tmp_path / "old.pth")
     model, cfg = load_model(tmp_path / "old.pth")
-    assert cfg["aux"] and hasattr(model, "auxlayer_gfe") and not model.training
-    assert torch.equal(model.auxlayer[0].weight, state["auxlayer.0.weight"])
+    assert cfg["aux"] and not hasattr(model, "auxlayer") and not hasattr(model, "auxlayer_gfe")
+    assert not model.training and count_params(model) == count_params(FastSCNN())
     assert torch.equal(model.classifier.conv[1].weight, state["classifier.conv.1.weight"])
 
 
@@ -265,8 +266,9 @@ def test_prefixed_state_dicts_load_into_a_bare_model(wrap, prefix, tmp_path):
         load_weights(bare, path)
         loaded, cfg = load_model(path)
         assert cfg["width_mult"] == 1.0 and cfg["aux"]
-        for got in (bare.state_dict(), loaded.state_dict()):
-            assert all(torch.equal(got[key], value) for key, value in expected.items())
+        assert all(torch.equal(bare.state_dict()[key], value) for key, value in expected.items())
+        # load_model gives the deployed model: every weight but the auxiliary heads'
+        assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
 
 
 @pytest.mark.parametrize("width_mult", [0.3, 0.5, 0.75, 1.0, 1.3, 1.5, 2.0, 3.0])
