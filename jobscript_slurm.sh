@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One curriculum stage of the teacher on Slurm: runs main.sh (edit the settings there).
+# One curriculum stage of the teacher on Slurm: runs main.sh, which runs train.py. Settings live in one place,
+# the constants at the top of train.py; this script and main.sh hold none and pass your arguments on.
 #
 #   mkdir -p logs                     # Slurm writes logs/<job name>-<job id>.out; it must exist
-#   sbatch jobscript_slurm.sh                                   # the stage set in main.sh, 1 GPU
+#   sbatch jobscript_slurm.sh                                   # the stage train.py's constants set, 1 GPU
 #   sbatch jobscript_slurm.sh --profile 2 --epochs 3            # arguments reach train.py
 #   sbatch --time=4:00:00 jobscript_slurm.sh                    # any #SBATCH line can be overridden
 #   sbatch --gpus-per-node=4 --ntasks-per-node=4 jobscript_slurm.sh            # 4 GPUs, one process each
@@ -11,7 +12,8 @@
 #
 # Submit from the project directory: the job runs there. It uses container.sif through apptainer when that
 # file exists (or $CONTAINER), else .venv, else python3. Five minutes before the time limit (and on
-# preemption) the trainer saves last.pth and the job requeues itself; the new run resumes from last.pth.
+# preemption) the trainer stops within a few steps and the job requeues itself; the new run resumes from the
+# last.pth of the last finished epoch.
 # A stage that already finished is not trained again.
 #SBATCH --job-name=fastseg-train
 #SBATCH --nodes=1

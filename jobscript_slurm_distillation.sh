@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One curriculum stage of the student (knowledge distillation) on Slurm: runs main_distillation.sh
-# (edit the settings there).
+# One curriculum stage of the student (knowledge distillation) on Slurm: runs main_distillation.sh, which runs
+# train_distillation.py. Settings live in its constants and train.py's; this script holds none.
 #
 #   mkdir -p logs                     # Slurm writes logs/<job name>-<job id>.out; it must exist
-#   sbatch jobscript_slurm_distillation.sh                                   # the stage set in main_distillation.sh, 1 GPU
+#   sbatch jobscript_slurm_distillation.sh                                   # the stage the constants set, 1 GPU
 #   sbatch jobscript_slurm_distillation.sh --profile 2 --epochs 3            # arguments reach train_distillation.py
 #   sbatch --time=4:00:00 jobscript_slurm_distillation.sh                    # any #SBATCH line can be overridden
 #   sbatch --gpus-per-node=4 --ntasks-per-node=4 jobscript_slurm_distillation.sh            # 4 GPUs, one process each
@@ -12,7 +12,8 @@
 #
 # Submit from the project directory: the job runs there. It uses container.sif through apptainer when that
 # file exists (or $CONTAINER), else .venv, else python3. Five minutes before the time limit (and on
-# preemption) the trainer saves last.pth and the job requeues itself; the new run resumes from last.pth.
+# preemption) the trainer stops within a few steps and the job requeues itself; the new run resumes from the
+# last.pth of the last finished epoch.
 # A stage that already finished is not trained again.
 #SBATCH --job-name=fastseg-distill
 #SBATCH --nodes=1

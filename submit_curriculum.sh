@@ -12,7 +12,7 @@
 # by the teacher's last best.pth. The last job runs evaluate_efficiency.sh over every stage's best.pth.
 # A job that fails cancels the jobs after it (--kill-on-invalid-dep); fix the cause and submit again with
 # the same --experiment-id and --profiles from the failed stage on: finished stages are not retrained.
-# Time limits are handled inside each job: it saves last.pth, requeues itself and resumes, and the jobs
+# Time limits are handled inside each job: it stops, requeues itself and resumes from last.pth, and the jobs
 # after it keep waiting for it.
 set -euo pipefail
 
@@ -23,7 +23,7 @@ usage: submit_curriculum.sh [options] [-- arguments for train.py / train_distill
   --profiles LIST          stages to run, ascending: 1-5 (default), 1,2,3 or 2-4
   --experiment-id ID       the run's name (default: fast_scnn-<date>-<time>); the student's is ID_student
   --output-dir DIR         where checkpoints go (default: checkpoints)
-  --data-dir DIR           Cityscapes root for every job (default: the one set in main.sh and friends)
+  --data-dir DIR           Cityscapes root for every job (default: DATA_DIR at the top of train.py)
   --previous-model-path P  weights for the first teacher stage (default: none for profile 1, else auto)
   --with-student           after the teacher, train the student with the teacher's last best.pth
   --student-only           train only the student; needs --teacher-model-path

@@ -283,7 +283,7 @@ def run_on_cluster(settings: dict[str, str], flags: list[str], log_dir: str, sta
             wait(cluster, jobs, start)
             return evaluation_table(jobs[-1])
         except KeyboardInterrupt:
-            say("\ninterrupted: a stage that is training saves last.pth; `make demo-slurm` again resumes it")
+            say("\ninterrupted: a stage that is training stops; `make demo-slurm` again resumes it from its last epoch")
             raise
         finally:
             # A second Ctrl-C while the cluster stops would leave its daemons and jobs behind.

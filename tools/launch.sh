@@ -76,7 +76,7 @@ FASTSEG_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # started by tools/srun_task.sh (a failed task ends the step); the trainer reads SLURM_PROCID/SLURM_NTASKS and
 # the MASTER_ADDR/MASTER_PORT exported here to set up DistributedDataParallel.
 # `#SBATCH --signal=B:USR1@300` signals only this batch shell, so the signal is passed on to the payload
-# (srun forwards it to every task); the trainer then saves last.pth and exits 75, and the job is requeued
+# (srun forwards it to every task); the ranks agree to stop, exit 75, and the job is requeued
 # with the same arguments, where `--resume auto` continues from last.pth.
 # SIGTERM (scancel, or preemption) is passed on too, so last.pth is saved, but the job is not requeued:
 # a cancelled job stays cancelled, and a preempted one is requeued by Slurm itself where the site wants it.
@@ -94,9 +94,9 @@ fastseg_run_job() {
     "${cmd[@]}" &
     local child=$! status
     # shellcheck disable=SC2064 # the child's pid is fixed now
-    trap "FASTSEG_INTERRUPTED=1; echo \"\$(date -Is) got SIGUSR1: asking the payload to save last.pth and stop\"; kill -USR1 $child 2>/dev/null || true" USR1
+    trap "FASTSEG_INTERRUPTED=1; echo \"\$(date -Is) got SIGUSR1: asking the payload to stop (it resumes from last.pth)\"; kill -USR1 $child 2>/dev/null || true" USR1
     # shellcheck disable=SC2064
-    trap "FASTSEG_INTERRUPTED=1; FASTSEG_GOT_TERM=1; echo \"\$(date -Is) got SIGTERM: asking the payload to save last.pth and stop\"; kill -TERM $child 2>/dev/null || true" TERM
+    trap "FASTSEG_INTERRUPTED=1; FASTSEG_GOT_TERM=1; echo \"\$(date -Is) got SIGTERM: asking the payload to stop (it resumes from last.pth)\"; kill -TERM $child 2>/dev/null || true" TERM
     while :; do
         FASTSEG_INTERRUPTED=0
         wait "$child" && status=0 || status=$?
