@@ -301,7 +301,7 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best_miou = checkpoint["epoch"], checkpoint["best_miou"]
         run_id = checkpoint.get("wandb_run_id")
-        totals = {k: checkpoint["metrics"][k] for k in totals}
+        totals = {k: (checkpoint.get("metrics") or {}).get(k, v) for k, v in totals.items()}  # older files: none
         say(f"resumed from {resume_path}: epoch {start_epoch + 1}")
 
     # The run's configuration: every setting, plus what was resolved from them. Fixed from here on.

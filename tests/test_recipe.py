@@ -9,6 +9,7 @@ import math
 from itertools import accumulate
 
 import pytest
+import torch
 from test_train import argv, records
 
 import train
@@ -84,3 +85,17 @@ def test_a_stage_on_its_own_gets_a_whole_decay(synthetic_root, tmp_path):
     rates = [r["lr"] for r in records(tmp_path / "t" / "profile-1")]
     assert rates == pytest.approx([1e-4 + (0.02 - 1e-4) * 0.5 ** 0.9, 1e-4])
 
+
+
+def test_a_last_pth_without_compute_totals_resumes(synthetic_root, tmp_path):
+    # A last.pth written before the compute was recorded: the resumed stage counts from there, no traceback.
+    args = argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-model-path", "none")
+    assert train.main(args) == 0
+    last = tmp_path / "t" / "profile-1" / "last.pth"
+    old = torch.load(last, weights_only=True)
+    for key in ("cum_train_tflop", "cum_device_hours"):
+        del old["metrics"][key]
+    torch.save(old, last)
+    assert train.main(argv(synthetic_root, tmp_path, "--epochs", "2", "--previous-model-path", "none")) == 0
+    second = records(tmp_path / "t" / "profile-1")[1]
+    assert second["cum_train_tflop"] == pytest.approx(second["train_tflop"])
