@@ -17,7 +17,8 @@ load with ``load_state_dict(strict=True)``, and the logits equal that implementa
   ``auxlayer`` on the learning-to-downsample output (1/8), the public layout's only one, and ``auxlayer_gfe``
   on the global feature extractor's output (1/32); ``fastseg.checkpoint.fit_aux_heads`` loads files with
   either, both or none into a model with or without them;
-* weights start from He (Kaiming) initialisation, as torchvision's models do, not PyTorch's layer defaults.
+* weights start from He (Kaiming) initialisation, as torchvision's models do, unless ``init="pytorch"`` asks
+  for PyTorch's layer defaults (what the public layout used; the ``adamw`` recipe's choice).
 
 This file depends on torch only, so it can be copied on its own into another project.
 """
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastSCNN", "Model", "fold_batchnorm", "scaled_channels"]
+__all__ = ["FastSCNN", "INITS", "Model", "fold_batchnorm", "scaled_channels"]
+
+INITS = ("kaiming", "pytorch")  # He fan_out (torchvision's choice) | each layer's PyTorch default
 
 
 def scaled_channels(channels: int, width_mult: float, divisor: int = 8) -> int:
@@ -252,7 +255,8 @@ class FastSCNN(nn.Module):
     padding it would change the trained checkpoints' outputs). Training needs a batch of at least 2: the
     1×1 pyramid-pooling bin leaves BatchNorm a single value per channel otherwise.
 
-    Fresh weights follow He et al. (2015) with fan_out, as torchvision's classification and segmentation
+    ``init``: ``"kaiming"`` (default) or ``"pytorch"`` (each layer's own default initialisation).
+    Fresh weights with ``"kaiming"`` follow He et al. (2015) with fan_out, as torchvision's classification and segmentation
     backbones do (BatchNorm weight 1, bias 0; conv biases 0), rather than PyTorch's per-layer defaults; the
     final 1×1 convs to the classes start at std 0.01, so the first predictions are close to uniform. Behind
     BatchNorm a conv's weight scale sets only its effective step size, and He fan_out rescales every conv
@@ -262,11 +266,14 @@ class FastSCNN(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 19, in_channels: int = 3, aux: bool = False, width_mult: float = 1.0
+        self, num_classes: int = 19, in_channels: int = 3, aux: bool = False, width_mult: float = 1.0,
+        init: str = "kaiming",
     ):
         super().__init__()
         if width_mult <= 0:
             raise ValueError(f"width_mult must be positive, got {width_mult}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         c = [scaled_channels(ch, width_mult) for ch in (32, 48, 64, 96, 128)]
         self.num_classes = num_classes
         self.aux = aux
@@ -279,7 +286,8 @@ class FastSCNN(nn.Module):
             # Registered in this order so the state_dict lists the published ``auxlayer`` keys first.
             self.auxlayer = auxiliary_head(c[2], c[0], num_classes)
             self.auxlayer_gfe = auxiliary_head(c[4], c[0], num_classes)
-        self.reset_parameters()
+        if init == "kaiming":  # "pytorch" keeps each layer's own default initialisation
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """He (fan_out) initialisation for the convolutions, std 0.01 for those to the classes; BatchNorm to

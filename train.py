@@ -63,18 +63,19 @@ PREVIOUS_MODEL_PATH = "auto"  # auto = best.pth of the previous profile of this 
 RECIPE = "paper"  # paper: the published Fast-SCNN recipe (fastseg/optim.py, README); adamw: earlier runs here
 CURRICULUM_EPOCHS = (100, 100, 100, 100, 100)  # planned epochs of profiles 1..5: one lr decay spans them all
 EPOCHS = None  # this stage's epochs; None = CURRICULUM_EPOCHS of this profile
-LR_DECAY = "curriculum"  # curriculum: stage k starts at the rate where stage k-1 ended; stage: a whole decay
 NUM_WORKERS = 8  # data loader processes per GPU; the cached loader needs few
 SEED = 0
 # ---- None = the recipe's value (paper | adamw) ---------------------------------------------------------------
-BATCH_SIZE = None  # per GPU: 16 | 32; Fast-SCNN at profile 5 (1536x768 crops) fits 16 in 40 GB with bf16
+BATCH_SIZE = None  # per GPU: 16 (both recipes); Fast-SCNN at profile 5 (1536x768 crops) fits 16 in 40 GB with bf16
 OPTIMIZER = None  # sgd | adamw
 LR = None  # 0.00375 x global batch (per-GPU batch x GPUs, as the paper's 0.045 at 12) | 1e-3
 LR_SCHEDULE = None  # poly: (1 - t/T)^0.9 down to MIN_LR over the decay | constant
 MIN_LR = None  # 1e-4 (mmsegmentation) | 0
+LR_DECAY = None  # curriculum: stage k starts at the rate where stage k-1 ended | stage: a whole decay per stage
 WEIGHT_DECAY = None  # 4e-5 | 1e-4; never on norm weights, biases and depthwise kernels
 AUX = None  # two auxiliary heads (1/8 and 1/32 features, loss weight 0.4 each) during training | none
 SCALE_AUG = None  # random scale 0.5-2.0 of the profile's size before the crop | off
+INIT = None  # kaiming (He fan_out, as torchvision) | pytorch (each layer's default); Fast-SCNN only
 # ---- rarely changed ----------------------------------------------------------------------------------------
 MOMENTUM = 0.9  # sgd only
 WARMUP_EPOCHS = 0.0  # linear warm-up at the start of the stage (after a change of resolution)
@@ -238,7 +239,7 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     # Model: from the previous stage's best weights, unless this stage resumes.
     seed_everything(args.seed, 0, info.rank)
     model = build_model(args.arch, num_classes=NUM_CLASSES, aux=args.aux, width_mult=args.width_mult,
-                        pretrained_backbone=args.pretrained_backbone)
+                        pretrained_backbone=args.pretrained_backbone, init=args.init)
     previous = None
     if checkpoint is None:
         previous = resolve_previous(args.previous_model_path, args.output_dir, args.experiment_id, args.profile,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fast_scnn import INITS
 from fastseg.cityscapes import PROFILES, Profile
 from fastseg.errors import UserError
 from fastseg.models import ARCHS
@@ -82,6 +83,8 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--pretrained-backbone", default=d["pretrained_backbone"],
                    help="torchvision --arch only: start the backbone from ImageNet weights, a torchvision weight "
                         "name (IMAGENET1K_V1, downloaded into $TORCH_HOME/hub/checkpoints) or the path of that file")
+    g.add_argument("--init", choices=INITS, default=d["init"],
+                   help="fresh Fast-SCNN weights: kaiming (He fan_out) or pytorch (each layer's default)")
     g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=d["aux"],
                    help="auxiliary heads during training, weight 0.4 each (Fast-SCNN: on the 1/8 and 1/32 "
                         "features)")
@@ -96,7 +99,8 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
     g.add_argument("--epochs", type=_positive_int, default=d["epochs"],
                    help="this stage's epochs (default: its --curriculum-epochs entry)")
     g.add_argument("--lr-decay", choices=["curriculum", "stage"], default=d["lr_decay"],
-                   help="curriculum: one decay over all stages; stage: a whole decay within this stage")
+                   help="curriculum: one decay over all stages; stage: a whole decay within this stage "
+                        "(default: the recipe's)")
     g.add_argument("--batch-size", type=_positive_int, default=d["batch_size"], help="per process")
     g.add_argument("--lr", type=_positive_float, default=d["lr"])
     g.add_argument("--min-lr", type=float, default=d["min_lr"], help="where the poly decay ends")

@@ -181,11 +181,13 @@ def build_model(
     aux: bool = False,
     width_mult: float = 1.0,
     pretrained_backbone: str | None = None,
+    init: str = "kaiming",
 ) -> nn.Module:
     """Build ``arch`` with freshly initialised weights (see the module docstring for what each returns).
 
     ``pretrained_backbone`` (torchvision models only): a torchvision weight name or a file of the backbone's
     ImageNet weights, loaded by :func:`load_pretrained_backbone`; the heads stay freshly initialised.
+    ``init`` (fast_scnn only; torchvision's models keep their builders' own): ``kaiming`` or ``pytorch``.
     """
     if arch not in ARCHS:
         raise UserError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -197,7 +199,7 @@ def build_model(
                             f"a torchvision --arch ({', '.join(_TORCHVISION)})")
         if width_mult <= 0:
             raise UserError(f"--width-mult: must be positive, got {width_mult}")
-        return FastSCNN(num_classes=num_classes, aux=aux, width_mult=width_mult)
+        return FastSCNN(num_classes=num_classes, aux=aux, width_mult=width_mult, init=init)
     if width_mult != 1.0:
         raise UserError(f"--width-mult: only fast_scnn can be scaled; use 1.0 with --arch {arch}")
     builder, has_aux = _TORCHVISION[arch]

@@ -34,20 +34,22 @@ def test_the_default_recipe_is_the_papers_and_adamw_is_the_earlier_one(synthetic
     assert train.main(argv(synthetic_root, tmp_path / "adamw", "--epochs", "1", "--previous-model-path", "none",
                            "--recipe", "adamw", "--lr", "2e-3")) == 0
     adamw = config(tmp_path / "adamw")
-    assert (adamw["optimizer"], adamw["lr_schedule"], adamw["aux"], adamw["scale_aug"]) == ("adamw", "constant", False, False)
+    assert (adamw["optimizer"], adamw["lr_schedule"], adamw["lr_decay"], adamw["min_lr"], adamw["aux"],
+            adamw["scale_aug"], adamw["init"]) == ("adamw", "poly", "stage", 0.0, False, False, "pytorch")
     assert adamw["lr"] == 2e-3  # a setting given on its own wins over the recipe
-    assert records(tmp_path / "adamw" / "t" / "profile-1")[0]["lr"] == 2e-3  # constant: no decay
+    assert records(tmp_path / "adamw" / "t" / "profile-1")[0]["lr"] == 0.0  # a whole poly decay in the stage
 
 
 def test_the_papers_rate_scales_with_the_global_batch():
     base = argparse.Namespace(recipe="paper", **dict.fromkeys(
-        ("batch_size", "optimizer", "lr", "weight_decay", "lr_schedule", "min_lr", "aux", "scale_aug")))
+        ("batch_size", "optimizer", "lr", "weight_decay", "lr_schedule", "min_lr", "lr_decay", "aux", "scale_aug",
+         "init")))
     one, filled = apply_recipe(base, world_size=1)
     eight, _ = apply_recipe(base, world_size=8)
     assert one.batch_size == 16 and one.lr == pytest.approx(0.06)  # the paper: 0.045 at a batch of 12
     assert eight.lr == pytest.approx(0.48) and "lr" in filled
     adamw, _ = apply_recipe(argparse.Namespace(**{**vars(base), "recipe": "adamw"}), world_size=8)
-    assert (adamw.batch_size, adamw.lr) == (32, 1e-3)
+    assert (adamw.batch_size, adamw.lr) == (16, 1e-3)
 
 
 def test_two_stages_make_one_decay_and_add_up_their_compute(synthetic_root, tmp_path):
