@@ -1,6 +1,6 @@
 """Which recipe, and which schedule, train the better Fast-SCNN for the same training compute?
 
-    python -m benchmarks.bench_recipes                    # all runs; about 1.5 h on a 2-core CPU, resumable
+    python -m benchmarks.bench_recipes                    # all runs, resumable (time: docs/recipes.md)
     python -m benchmarks.bench_recipes --plot-only        # redraw the plot and table from the JSON
 
 Synthetic street scenes (tools/synthetic.py, seed 7: none of the tests' or the demo's images), 64 train and
@@ -49,13 +49,15 @@ SCHEDULE_RECIPES = ("adamw", "paper")
 
 
 def plan(args) -> list[dict]:
-    """Every run, seed-major so a partial benchmark already has one seed of everything."""
+    """Every run: the recipes first, then the schedules; seed-major within each, so a partial benchmark
+    already has one seed of everything."""
     baseline_epochs = round(sum(args.epochs_stage * PATCH_PIXELS[k] for k in (1, 2, 3)) / PATCH_PIXELS[3])
     runs = []
     for seed in SEEDS:
         for recipe in RECIPES:
             runs.append({"name": f"{recipe}-s{seed}", "recipe": recipe, "seed": seed, "schedule": "single",
                          "stages": [(1, args.epochs_recipe)]})
+    for seed in SEEDS:
         for recipe in SCHEDULE_RECIPES:
             runs.append({"name": f"{recipe}-curriculum-s{seed}", "recipe": recipe, "seed": seed,
                          "schedule": "curriculum", "stages": [(k, args.epochs_stage) for k in (1, 2, 3)]})
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=64)
     p.add_argument("--val", type=int, default=16)
     p.add_argument("--epochs-recipe", type=int, default=50)
-    p.add_argument("--epochs-stage", type=int, default=15)
+    p.add_argument("--epochs-stage", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--plot-only", action="store_true")
