@@ -16,7 +16,7 @@ Two questions, three seeds each:
   ``paper`` (SGD 0.00375 x batch, poly, two aux heads, scale 0.5-2.0, He init) and ``paper`` with
   ``--init pytorch``;
 * schedule: the curriculum (reduced profiles 1 -> 2 -> 3, ``--epochs-stage`` each, the recipe's decay) against
-  one stage at reduced profile 3 from scratch with the same training compute, for ``adamw`` and ``paper``.
+  one stage at reduced profile 3 from scratch with the same training compute, for ``--schedule-recipes``.
 
 Each run's stages write their own ``metrics.jsonl`` under ``--work-dir``; a rerun resumes unfinished runs and
 skips finished ones (train.py's own resume). The JSON (``--out``) is a list of runs, each with its ``recipe``,
@@ -45,7 +45,6 @@ RECIPES = {  # name in the results -> train.py flags
     "paper": ["--recipe", "paper"],
     "paper+pytorch-init": ["--recipe", "paper", "--init", "pytorch"],
 }
-SCHEDULE_RECIPES = ("adamw", "paper")
 
 
 def plan(args) -> list[dict]:
@@ -58,7 +57,7 @@ def plan(args) -> list[dict]:
             runs.append({"name": f"{recipe}-s{seed}", "recipe": recipe, "seed": seed, "schedule": "single",
                          "stages": [(1, args.epochs_recipe)]})
     for seed in SEEDS:
-        for recipe in SCHEDULE_RECIPES:
+        for recipe in args.schedule_recipes:
             runs.append({"name": f"{recipe}-curriculum-s{seed}", "recipe": recipe, "seed": seed,
                          "schedule": "curriculum", "stages": [(k, args.epochs_stage) for k in (1, 2, 3)]})
             runs.append({"name": f"{recipe}-baseline-s{seed}", "recipe": recipe, "seed": seed,
@@ -199,7 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=64)
     p.add_argument("--val", type=int, default=16)
     p.add_argument("--epochs-recipe", type=int, default=50)
-    p.add_argument("--epochs-stage", type=int, default=10)
+    p.add_argument("--epochs-stage", type=int, default=8)
+    p.add_argument("--schedule-recipes", type=lambda text: text.split(","), default=["paper"],
+                   help="recipes of the curriculum-against-baseline runs, comma-separated (default: paper)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--plot-only", action="store_true")
