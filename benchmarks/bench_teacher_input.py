@@ -33,7 +33,7 @@ from fastseg.distributed import resolve_device
 from fastseg.errors import run_cli
 from fastseg.metrics import ConfusionMatrix
 from fastseg.models import ClassifierLogits
-from fastseg.synthetic import generate
+from tools.synthetic import generate
 
 TEACHER = Profile(5, (512, 256), (384, 192))
 STUDENTS = (Profile(1, (144, 72), (112, 56)), Profile(3, (256, 128), (192, 96)))
