@@ -34,6 +34,24 @@ def _finite(recs: list[dict], *keys: str) -> bool:
     return all(math.isfinite(r[k]) for r in recs for k in keys)
 
 
+def _expected_dtype(device: str, amp: str) -> torch.dtype:
+    """What a convolution computes in inside a training step: autocast's dtype on CUDA, fp32 on the CPU."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp] if device == "cuda" else torch.float32
+
+
+def _probing_dtypes(build, seen: list):
+    """``build`` (a make_objective), with a forward hook on the model's first convolution that records the
+    dtype of its output in every training step (not in validation or the FLOP count, which run without grad)."""
+
+    def probed(args, device, model):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype)
+                                   if torch.is_grad_enabled() else None)
+        return build(args, device, model)
+
+    return probed
+
+
 @pytest.mark.parametrize("device, amp", CASES)
 def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, device, amp, capsys):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
@@ -47,7 +65,9 @@ def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, dev
             os.kill(os.getpid(), signal.SIGUSR1)
         return loss
 
-    assert train.main(args, make_objective=with_hook(stop_in_epoch_two)) == REQUEUE_EXIT_CODE
+    seen = []
+    assert train.main(args, make_objective=_probing_dtypes(with_hook(stop_in_epoch_two), seen)) == REQUEUE_EXIT_CODE
+    assert seen and set(seen) == {_expected_dtype(device, amp)}  # autocast was on in every step
     last = load_checkpoint(tmp_path / "t" / "profile-1" / "last.pth")
     assert last["epoch"] == 1
     # fp16 needs a GradScaler, and its state travels with last.pth; bf16 and fp32 have none.
@@ -76,15 +96,19 @@ def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, dev
 
 
 @pytest.mark.parametrize("device, amp", CASES)
-def test_distillation_with_amp(synthetic_root, tmp_path, device, amp):
+def test_distillation_with_amp(synthetic_root, tmp_path, device, amp, monkeypatch):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
+    seen = []
+    monkeypatch.setattr(train_distillation, "build_objective",
+                        _probing_dtypes(train_distillation.build_objective, seen))
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(0)
     torch.save(build_model("fast_scnn", width_mult=1.0).state_dict(), teacher)  # a users' plain state_dict
     args = argv(synthetic_root, tmp_path, "--epochs", "1", "--previous-student-model-path", "none",
                 "--trained-teacher-model-path", str(teacher), "--amp", amp, "--device", device)
     assert train_distillation.main(args) == 0
+    assert seen and set(seen) == {_expected_dtype(device, amp)}  # the student's steps ran under autocast
     recs = records(tmp_path / "t" / "profile-1")
     assert _finite(recs, "train_loss", "train_ce_loss", "train_kd_loss", "val_miou")
 

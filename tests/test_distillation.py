@@ -17,7 +17,7 @@ from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.errors import UserError
-from fastseg.losses import cross_entropy, dist_loss, kd_loss
+from fastseg.losses import cross_entropy, cwd_loss, dist_loss, kd_loss
 from fastseg.models import ClassifierLogits, build_model
 
 TINY = Profile(1, (128, 64), (96, 48))
@@ -205,6 +205,40 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
     torch.manual_seed(1)
     main = student(x)[0]
     assert parts["ce"].item() == pytest.approx(cross_entropy(main, y).item(), rel=1e-5)
+
+
+def test_the_objective_is_ce_and_aux_plus_each_distillation_term_at_its_weight(teacher, synthetic_root, tmp_path):
+    # KL and CWD, each at a weight and temperature of its own: CE + 0.4 x aux CE + w x KD + w x CWD, every
+    # term recomputed here from the classifiers' 1/8 logits of a training-mode student with its two heads.
+    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher),
+                                 "--kd-loss", "kl", "--kd-weight", "0.7", "--temperature", "2",
+                                 "--cwd-weight", "3", "--cwd-temperature", "4"),
+                            train_distillation.constants(), extend=train_distillation.add_distillation_flags)
+    torch.manual_seed(0)
+    student = build_model("fast_scnn", aux=True).train()
+    objective, _ = train_distillation.build_objective(args, torch.device("cpu"), student)
+    teacher_model, _ = load_model(teacher)
+    images, labels, _ = next(iter(build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0,
+                                               shuffle=False, seed=0)))
+    x, y = prepare_batch(images, labels, "cpu", train=False)
+    torch.manual_seed(1)  # the same dropout in the objective's forward and in the replay
+    loss, parts = objective(student, x, y)
+
+    ours_s, ours_t = ClassifierLogits(student), ClassifierLogits(teacher_model)
+    torch.manual_seed(1)
+    main, *aux = student(x)
+    with torch.no_grad():
+        teacher_model(x)
+    low_s, low_t = ours_s.take(), ours_t.take()
+    ce = cross_entropy(main, y)
+    aux_ce = sum(cross_entropy(logits, y) for logits in aux)
+    kd = kd_loss(low_s, low_t, y, temperature=2.0)
+    cwd = cwd_loss(low_s, low_t, temperature=4.0)
+    assert len(aux) == 2
+    assert set(parts) == {"ce", "aux", "kd", "cwd"}
+    for name, value in (("ce", ce), ("aux", aux_ce), ("kd", kd), ("cwd", cwd)):
+        assert parts[name].item() == pytest.approx(value.item(), rel=1e-5), name
+    assert loss.item() == pytest.approx((ce + 0.4 * aux_ce + 0.7 * kd + 3.0 * cwd).item(), rel=1e-5)
 
 
 def test_teacher_input_teacher_scales_the_batch_to_the_teachers_resolution(teacher, synthetic_root, tmp_path):

@@ -86,6 +86,7 @@ def test_ddp_ranks_keep_identical_weights_and_validation_matches_one_process(syn
     model.load_state_dict(result["state_dict"])
     single = evaluate(model, build_loader(SegmentationDataset(synthetic_root, "val", TINY, train=False), 1, 0,
                                           shuffle=False, seed=0), torch.device("cpu"))
+    assert torch.equal(single["matrix"], result["metrics"]["matrix"])  # each image counted once
     assert abs(single["miou"] - result["metrics"]["miou"]) < 1e-12
     assert abs(single["pixel_accuracy"] - result["metrics"]["pixel_accuracy"]) < 1e-9
     assert abs(single["loss"] - result["metrics"]["loss"]) < 1e-5
@@ -130,17 +131,20 @@ def _signalled_rank(rank: int, world: int, port: int, argv: list[str], where: st
 
         return counted, extra
 
-    if rank == 1 and where == "validation":
-        real = train.evaluate
+    real = train.evaluate
+    matrices = []  # the confusion matrix of each validation, as this rank holds it after the all-reduce
 
-        def signalled(*args, **kwargs):
+    def evaluate(*args, **kwargs):
+        if rank == 1 and where == "validation":
             os.kill(os.getpid(), signal.SIGUSR1)
-            return real(*args, **kwargs)
+        metrics = real(*args, **kwargs)
+        matrices.append(metrics["matrix"].tolist())
+        return metrics
 
-        train.evaluate = signalled
+    train.evaluate = evaluate
     code = train.main(argv, make_objective=make_objective)
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"code": code, "steps": len(steps)}, f)
+        json.dump({"code": code, "steps": len(steps), "matrices": matrices}, f)
 
 
 @pytest.mark.parametrize("where", ["step", "validation"])
@@ -159,6 +163,12 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synthetic_root, 
     assert results[0]["steps"] == {"step": 6, "validation": 4}[where]
     last = torch.load(tmp_path / "ddp" / "profile-1" / "last.pth", weights_only=True)
     assert last["epoch"] == 1
+    # Epoch 1's validation: each rank scored its half of the split and the counts were summed, so both hold
+    # the matrix of one process scoring the whole split with the saved weights (rank 0's BatchNorm statistics).
+    model, _ = load_model(tmp_path / "ddp" / "profile-1" / "last.pth")
+    single = evaluate(model, build_loader(SegmentationDataset(synthetic_root, "val", TINY, train=False), 2, 0,
+                                          shuffle=False, seed=0), torch.device("cpu"))
+    assert [r["matrices"] for r in results] == [[single["matrix"].tolist()]] * 2
 
 
 def test_slurm_environment_is_read_for_srun_tasks():

@@ -158,14 +158,26 @@ def test_multinode_stage_in_a_container_without_scontrol(cluster, synthetic_root
 def test_multinode_failed_task_ends_the_step_at_once(cluster, tmp_path):
     """A rank that fails ends the others, as srun --kill-on-bad-exit would (tools/srun_task.sh)."""
     out, script = tmp_path / "job.out", tmp_path / "job.sh"
-    # Rank 0 would wait for its lost peer for ever.
+    # Rank 0 would wait for its lost peer for ever: here an hour, far beyond every limit below.
     script.write_text(f"""#!/usr/bin/env bash
 source {ROOT}/tools/launch.sh
 FASTSEG_LAUNCH=()
-fastseg_run_job bash -c '[[ $SLURM_PROCID == 1 ]] && exit 3; sleep 300'
+fastseg_run_job bash -c '[[ $SLURM_PROCID == 1 ]] && exit 3; sleep 3600'
 """)
     job = cluster.sbatch([*TWO_NODES, "--cpus-per-task=1", f"--output={out}", str(script)], cwd=tmp_path)
-    info = cluster.wait_finished(job, JOB_TIMEOUT)  # well under the 300 s rank 0 would otherwise sleep
+    try:
+        info = cluster.wait_finished(job, JOB_TIMEOUT)
+    finally:  # a step that was never ended must not hold the test cluster's nodes for the hour
+        cluster.run(["scancel", job], check=False)
     log = out.read_text()
     assert info["JobState"] == "FAILED", cluster.describe(job)
     assert f"task 1 on fastseg-node2 failed (exit 3): ending job step {job}.0" in log, log
+    # Ended by that kill, not by rank 0's sleep: the controller's run time of the job is seconds.
+    assert run_seconds(info["RunTime"]) < 120, cluster.describe(job)
+
+
+def run_seconds(run_time: str) -> int:
+    """Seconds in a Slurm run time, ``[days-]hours:minutes:seconds``."""
+    days, _, clock = run_time.rpartition("-")
+    hours, minutes, seconds = (int(x) for x in clock.split(":"))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds

@@ -11,10 +11,13 @@ from itertools import accumulate
 import pytest
 import torch
 from test_train import argv, records
+from torch import nn
 
 import train
-from fastseg.checkpoint import load_model
+from fastseg.checkpoint import load_checkpoint, load_model
+from fastseg.data import SegmentationDataset
 from fastseg.flops import count_flops
+from fastseg.models import build_model
 from fastseg.optim import apply_recipe
 
 
@@ -22,15 +25,56 @@ def config(out, experiment="t", profile=1) -> dict:
     return json.loads((out / experiment / f"profile-{profile}" / "config.json").read_text())
 
 
-def test_the_default_recipe_is_the_papers_and_adamw_is_the_earlier_one(synthetic_root, tmp_path):
+def decayed_and_rest(model: nn.Module) -> tuple[list[torch.Size], list[torch.Size]]:
+    """Shapes of the parameters a recipe decays (the kernels of the full convolutions) and of the others
+    (depthwise kernels, norm weights, biases), each in the model's order, as the optimiser's groups list them."""
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    params = list(model.parameters())
+    return ([p.shape for p in params if id(p) in kernels], [p.shape for p in params if id(p) not in kernels])
+
+
+def check_optimizer_groups(state: dict, model: nn.Module, weight_decay: float, slot: str) -> None:
+    """The optimiser of a last.pth: two groups, ``weight_decay`` on the full kernels and 0 on the rest, and
+    per-parameter state (``slot``: SGD's momentum buffer, AdamW's running mean) that the step filled."""
+    decayed, rest = decayed_and_rest(model)
+    groups = state["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [weight_decay, 0.0]
+    assert [len(g["params"]) for g in groups] == [len(decayed), len(rest)]
+    for group, shapes in zip(groups, (decayed, rest)):
+        assert [state["state"][i][slot].shape for i in group["params"]] == shapes
+    assert all(state["state"][i][slot].abs().sum() > 0 for g in groups for i in g["params"]), slot
+
+
+def test_the_default_recipe_is_the_papers_and_adamw_is_the_earlier_one(synthetic_root, tmp_path, monkeypatch):
+    built = []  # every dataset train.py builds, to read the settings the training set was given
+
+    class Recorded(SegmentationDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(train, "SegmentationDataset", Recorded)
     assert train.main(argv(synthetic_root, tmp_path / "paper", "--epochs", "1", "--previous-model-path", "none")) == 0
     paper = config(tmp_path / "paper")
     assert (paper["recipe"], paper["optimizer"], paper["weight_decay"], paper["lr_schedule"]) == ("paper", "sgd", 4e-5, "poly")
     assert paper["lr"] == pytest.approx(0.00375 * 4)  # per image of the global batch: --batch-size 4, one process
     assert paper["min_lr"] == 1e-4 and paper["aux"] is True and paper["scale_aug"] is True
+    assert [d.scale_aug for d in built if d.train] == [True]  # the training set scales before its crops
     model, cfg = load_model(tmp_path / "paper" / "t" / "profile-1" / "best.pth")  # trained with its two heads
     assert cfg["aux"] is True and not model.training
+    # The two heads were trained: their weights are in the checkpoints and their loss in every record.
+    last = load_checkpoint(tmp_path / "paper" / "t" / "profile-1" / "last.pth")
+    assert {"auxlayer.0.weight", "auxlayer_gfe.0.weight"} <= last["model"].keys()
+    record = records(tmp_path / "paper" / "t" / "profile-1")[0]
+    assert math.isfinite(record["train_aux_loss"]) and record["train_aux_loss"] > 0
+    # The optimiser that trained it, read back from last.pth: SGD with momentum 0.9, the paper's decay on
+    # the full convolution kernels only.
+    sgd = last["optimizer"]
+    assert [(g["momentum"], g["dampening"], g["nesterov"], g["initial_lr"]) for g in sgd["param_groups"]] == [
+        (0.9, 0, False, pytest.approx(0.015))] * 2
+    check_optimizer_groups(sgd, build_model("fast_scnn", aux=True), 4e-5, "momentum_buffer")
 
+    built.clear()
     assert train.main(argv(synthetic_root, tmp_path / "adamw", "--epochs", "1", "--previous-model-path", "none",
                            "--recipe", "adamw", "--lr", "2e-3")) == 0
     adamw = config(tmp_path / "adamw")
@@ -38,6 +82,15 @@ def test_the_default_recipe_is_the_papers_and_adamw_is_the_earlier_one(synthetic
             adamw["scale_aug"], adamw["init"]) == ("adamw", "poly", "stage", 0.0, False, False, "pytorch")
     assert adamw["lr"] == 2e-3  # a setting given on its own wins over the recipe
     assert records(tmp_path / "adamw" / "t" / "profile-1")[0]["lr"] == 0.0  # a whole poly decay in the stage
+    assert [d.scale_aug for d in built if d.train] == [False]
+    last = load_checkpoint(tmp_path / "adamw" / "t" / "profile-1" / "last.pth")
+    assert not any(key.startswith("aux") for key in last["model"])
+    assert "train_aux_loss" not in records(tmp_path / "adamw" / "t" / "profile-1")[0]
+    opt = last["optimizer"]  # AdamW at PyTorch's betas and eps, decay 1e-4 on the full kernels only
+    assert [(g["betas"], g["eps"], g["amsgrad"], g["initial_lr"]) for g in opt["param_groups"]] == [
+        ((0.9, 0.999), 1e-8, False, 2e-3)] * 2
+    assert all("momentum" not in g for g in opt["param_groups"])
+    check_optimizer_groups(opt, build_model("fast_scnn", aux=False), 1e-4, "exp_avg")
 
 
 # The earlier code (commit 51764cb, when AdamW was the default) on this suite's data and flags (``TINY_ARGS``,

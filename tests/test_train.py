@@ -100,9 +100,19 @@ def test_finished_stage_is_not_retrained(stage1, synthetic_root, capsys):
 
 
 def test_stage_two_starts_from_stage_one_with_auto(stage1, synthetic_root):
+    initial = {}  # stage 2's weights as its objective is built, before its first step
+
+    def build(args, device, model):
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return train.build_objective(args, device, model)
+
     code = train.main(argv(synthetic_root, stage1, "--profile", "2", "--resize", "128x64", "--patch", "112x56",
-                           "--epochs", "1", "--previous-model-path", "auto"))
+                           "--epochs", "1", "--previous-model-path", "auto"), make_objective=build)
     assert code == 0
+    best = load_checkpoint(stage1 / "t" / "profile-1" / "best.pth")["model"]
+    assert initial.keys() == best.keys()
+    for key, value in best.items():  # every tensor, BatchNorm statistics included
+        assert torch.equal(initial[key], value), key
     cfg = json.loads((stage1 / "t" / "profile-2" / "config.json").read_text())
     assert cfg["previous_model_loaded"] == str(stage1 / "t" / "profile-1" / "best.pth")
     first = records(stage1 / "t" / "profile-1")[0]
