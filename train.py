@@ -39,6 +39,7 @@ from fastseg.checkpoint import (
     load_checkpoint,
     load_previous_stage,
     load_weights,
+    make_stage_dir,
     reconcile_metrics,
     resolve_previous,
     stage_dir,
@@ -216,6 +217,8 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
                                               for k, v in filled.items()))
     profile = stage_profile(args.profile, args.resize, args.patch)
     out = stage_dir(args.output_dir, args.experiment_id, args.profile)
+    if info.is_main:  # a directory that cannot be written fails now, not after the whole set-up
+        make_stage_dir(out, args.output_dir)
     if device.type == "cpu":
         say("note: no GPU in use; training on the CPU (fine for the demo and tests, slow for Cityscapes)")
     else:
@@ -309,7 +312,6 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     config = {**vars(args), **objective_config, "resize": list(profile.resize), "patch": list(profile.patch),
               "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size}
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if checkpoint is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start: an old log would mix two runs

@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 
 import train
-from fastseg.checkpoint import load_model
 from fastseg.cityscapes import NUM_CLASSES
 from fastseg.config import stage_profile
 from fastseg.errors import UserError, run_cli
 from fastseg.losses import KD_LOSSES, DistillationLoss
-from fastseg.models import ClassifierLogits
+from fastseg.models import ClassifierLogits, load_model
 
 # ---- what users edit (every other setting is train.py's constant) ------------------------------------------
 PROFILE = 1  # curriculum stage 1..5, as in train.py

@@ -258,6 +258,16 @@ def stage_dir(output_dir: str | Path, experiment_id: str, profile: int) -> Path:
     return Path(output_dir) / experiment_id / f"profile-{profile}"
 
 
+def make_stage_dir(path: Path, output_dir, flag: str = "--output-dir") -> Path:
+    """Create a stage's directory; a path that cannot be created is the user's to fix, named by its flag."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under /proc, a read-only mount, no permission, a file in the way
+        raise UserError(f"{flag} {output_dir}: cannot create {path} ({exc.strerror or exc}); choose a directory "
+                        "you can write to") from None
+    return path
+
+
 def resolve_previous(value: str | None, output_dir, experiment_id: str, profile: int,
                      flag: str = "--previous-model-path") -> Path | None:
     """``none``, a path, or ``auto``: best.pth of the previous profile of the same run (none at profile 1)."""
@@ -318,23 +328,3 @@ def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
     if records != [kept[e] for e in sorted(kept)]:
         print(f"note: {path} did not match the checkpoint (a killed run); kept epochs {sorted(kept)}", flush=True)
         atomic_write_text(path, "".join(json.dumps(kept[e], sort_keys=True) + "\n" for e in sorted(kept)))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
-    """Build the checkpoint's architecture, load it, and return ``(model in eval mode, config)``.
-
-    The model is the one that is deployed and evaluated: without the auxiliary heads, which only training
-    uses (so its parameter count is the model's, not the training aids'). Strict for every other weight.
-    """
-    from fastseg.models import build_model
-
-    ckpt = load_checkpoint(path, flag)
-    cfg = model_config(ckpt)
-    model = build_model(
-        cfg.get("arch", "fast_scnn"),
-        num_classes=int(cfg.get("num_classes", 19)),
-        aux=False,
-        width_mult=float(cfg.get("width_mult", 1.0)),
-    )
-    load_weights(model, {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}, flag=flag, where=path)
-    return model.to(device).eval(), cfg

@@ -27,7 +27,7 @@ from torchvision.models import get_model_weights
 from torchvision.models import segmentation as tv_segmentation
 
 from fast_scnn import FastSCNN
-from fastseg.checkpoint import load_checkpoint
+from fastseg.checkpoint import fit_aux_heads, load_checkpoint, load_weights, model_config
 from fastseg.errors import UserError
 
 # torchvision builder and whether it has an auxiliary classifier.
@@ -211,3 +211,21 @@ def build_model(
     if pretrained_backbone is not None:
         load_pretrained_backbone(model, arch, pretrained_backbone)
     return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
+    """Build the checkpoint's architecture, load it, and return ``(model in eval mode, config)``.
+
+    The model is the one that is deployed and evaluated: without the auxiliary heads, which only training
+    uses (so its parameter count is the model's, not the training aids'). Strict for every other weight.
+    """
+    ckpt = load_checkpoint(path, flag)
+    cfg = model_config(ckpt)
+    model = build_model(
+        cfg.get("arch", "fast_scnn"),
+        num_classes=int(cfg.get("num_classes", 19)),
+        aux=False,
+        width_mult=float(cfg.get("width_mult", 1.0)),
+    )
+    load_weights(model, {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}, flag=flag, where=path)
+    return model.to(device).eval(), cfg

@@ -13,12 +13,11 @@ from conftest import TINY_ARGS
 import train
 import train_distillation
 from fastseg.augment import prepare_batch
-from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.errors import UserError
 from fastseg.losses import cross_entropy, dist_loss, kd_loss
-from fastseg.models import ClassifierLogits, build_model
+from fastseg.models import ClassifierLogits, build_model, load_model
 
 TINY = Profile(1, (128, 64), (96, 48))
 

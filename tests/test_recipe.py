@@ -13,8 +13,8 @@ import torch
 from test_train import argv, records
 
 import train
-from fastseg.checkpoint import load_model
 from fastseg.flops import count_flops
+from fastseg.models import load_model
 from fastseg.optim import apply_recipe
 
 
