@@ -310,6 +310,44 @@ def curriculum_totals(previous: Path) -> dict:
     return {"cum_train_tflop": 0.0, "cum_device_hours": 0.0}
 
 
+# Settings that decide the rate and the steps of an epoch: a resume that changes them is recorded in the config.
+RESUME_RECORDED = ("batch_size", "world_size", "global_batch", "lr")
+
+
+def carry_on_resume(saved: dict | None, config: dict, epoch: int) -> tuple[dict, list[str]]:
+    """A resumed run's ``config`` with what earlier runs of the stage recorded, and the notes to print.
+
+    The stage's origin stays: ``previous_model_loaded`` (a resume loads last.pth, not those weights) and, for
+    a student whose teacher path changed, ``teacher_at_start``. ``resumed_changes`` lists, for each resume
+    that changed a setting of ``RESUME_RECORDED``, the epoch it resumed at and ``[before, after]`` of each.
+    """
+    saved = dict(saved or {})
+    if "global_batch" not in saved and {"batch_size", "world_size"} <= saved.keys():  # files from before it
+        saved["global_batch"] = saved["batch_size"] * saved["world_size"]
+    config = {**config, "previous_model_loaded": saved.get("previous_model_loaded"),
+              "resumed_changes": list(saved.get("resumed_changes") or [])}
+    notes = []
+    old, new = saved.get("teacher") or {}, config.get("teacher") or {}
+    if old.get("path") and new.get("path") and old["path"] != new["path"]:
+        config["teacher_at_start"] = saved.get("teacher_at_start") or old
+        notes.append(f"note: this stage started with the teacher {old['path']}; it goes on with {new['path']}")
+    elif saved.get("teacher_at_start"):
+        config["teacher_at_start"] = saved["teacher_at_start"]
+    changed = {k: [saved[k], config[k]] for k in RESUME_RECORDED if k in saved and saved[k] != config[k]}
+    if changed:
+        config["resumed_changes"].append({"epoch": epoch, **changed})
+    if "global_batch" in changed:
+        (old_batch, new_batch), (old_lr, new_lr) = changed["global_batch"], (saved["lr"], config["lr"])
+        notes.append(f"note: up to epoch {epoch} the stage ran with a global batch of {old_batch} ({saved['batch_size']} "
+                     f"x {saved['world_size']} processes), this run has {new_batch} ({config['batch_size']} x "
+                     f"{config['world_size']}): the lr decay goes on from epoch {epoch} at base rate {new_lr:g} "
+                     f"(was {old_lr:g}); config.json lists the change under resumed_changes")
+    elif "lr" in changed:
+        notes.append(f"note: the base rate is {config['lr']:g} from epoch {epoch + 1} on (was {saved['lr']:g}); "
+                     "the lr decay goes on from where it is")
+    return config, notes
+
+
 def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
     """Make ``metrics.jsonl`` hold exactly one line per epoch of the checkpoint a run resumes from.
 
