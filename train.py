@@ -286,8 +286,8 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     val_loader = build_loader(val_set, args.batch_size, args.num_workers, shuffle=False, seed=args.seed,
                               distributed=info.distributed)
 
-    # Optimiser and this stage's part of the learning-rate decay, which a resume continues at its epoch at this
-    # run's base rate, whatever the global batch was before (then the recipe's rate for the old batch).
+    # Optimiser and this stage's part of the learning-rate decay. A resume continues the decay at its epoch, at
+    # this run's base rate: after a change of global batch, the rate the recipe gives the new one.
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     start_epoch = 0 if checkpoint is None else checkpoint["epoch"]
     if checkpoint is not None:

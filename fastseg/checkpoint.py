@@ -4,10 +4,13 @@ A checkpoint written by the trainers is a dict::
 
     {"model": state_dict, "config": {...}, "epoch": int, "metrics": {...},
      # last.pth only, for an exact resume:
-     "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ..., "step": int}
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "best_miou": float, "wandb_run_id": str}
 
 ``config`` holds every hyperparameter plus ``arch``, ``num_classes``, ``width_mult``, ``aux`` and ``profile``,
-so a checkpoint alone is enough to rebuild its model. Users' older files are a plain ``state_dict`` of a
+so a checkpoint alone is enough to rebuild its model; and what the stage resolved: ``global_batch``,
+``decay_epochs`` (the lr decay's span, which a resume keeps), ``previous_model_loaded`` and
+``resumed_changes`` (see :func:`carry_on_resume`). A resume rebuilds the schedule from the epoch and the
+config; ``scheduler`` is kept for the record. Users' older files are a plain ``state_dict`` of a
 Fast-SCNN of any width (possibly with ``module.`` or ``_orig_mod.`` prefixes); they load too.
 """
 
