@@ -195,8 +195,9 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
     assert low_s.shape[-2:] == low_t.shape[-2:] == (6, 12)  # 48x96 crops: Fast-SCNN's 1/8 grid
     _, parts = objective(student, x, y)
     assert parts["kd"].item() == pytest.approx(dist_loss(low_s, low_t).item(), rel=1e-5)
-    # and not the distillation of the upsampled outputs, which differs
-    assert parts["kd"].item() != pytest.approx(dist_loss(student(x), teacher_model(x)).item(), rel=1e-3)
+    # and not the distillation of the upsampled outputs, which differs (by about 1e-4 of its value here: over
+    # every pixel, bilinear upsampling keeps the correlations nearly as they are; the match above is to 1e-5)
+    assert parts["kd"].item() != pytest.approx(dist_loss(student(x), teacher_model(x)).item(), rel=2e-5)
     # the cross-entropy stays on the full-resolution output: a training-mode student returns (main, aux...)
     student.train()
     torch.manual_seed(1)
