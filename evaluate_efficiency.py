@@ -336,8 +336,8 @@ def val_loader(args: argparse.Namespace, profile: Profile):
 def accuracy(model, job: Job, label: str, args, device, prediction_dir, overlay_dir) -> dict[str, Any]:
     """The accuracy part of a row: the trainers' validation pass, with --tta the augmented one, and the
     last.pth beside a best.pth."""
-    from fastseg.checkpoint import load_model
     from fastseg.cityscapes import NUM_CLASSES
+    from fastseg.models import load_model
 
     k = job.profile.index
     dataset, loader = val_loader(args, job.profile)
@@ -395,8 +395,8 @@ def evaluate_checkpoint(
     job: Job, label: str, file_label: str, args: argparse.Namespace, device: torch.device, several: bool
 ) -> dict[str, Any]:
     """One row of the report; ``file_label`` names its predictions, plots and ONNX file."""
-    from fastseg.checkpoint import load_model
     from fastseg.flops import count_macs, count_params
+    from fastseg.models import load_model
 
     model, config = load_model(job.path, device, flag=job.flag)
     profile = job.profile

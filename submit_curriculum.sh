@@ -20,7 +20,7 @@ usage() {
     cat <<'EOF'
 usage: submit_curriculum.sh [options] [-- arguments for train.py / train_distillation.py]
 
-  --profiles LIST          stages to run, ascending: 1-5 (default), 1,2,3 or 2-4
+  --profiles LIST          stages to run, consecutive: 1-5 (default), 1,2,3 or 2-4 (a gap is refused)
   --experiment-id ID       the run's name (default: fast_scnn-<date>-<time>); the student's is ID_student
   --output-dir DIR         where checkpoints go (default: checkpoints)
   --data-dir DIR           Cityscapes root for every job (default: DATA_DIR at the top of train.py)
@@ -120,6 +120,10 @@ done
 [[ ${#profiles[@]} -gt 0 ]] || die "--profiles '$profiles_spec' names no profile"
 for ((i = 1; i < ${#profiles[@]}; i++)); do
     [[ ${profiles[i]} -gt ${profiles[i - 1]} ]] || die "--profiles '$profiles_spec': list each profile once, ascending"
+    # A gap would start a stage from the best.pth of a profile that never ran, after the stages before had
+    # trained, and the one lr decay would assume the skipped stage's epochs: refused before anything is submitted.
+    skipped=$((profiles[i - 1] + 1))
+    [[ $skipped -eq ${profiles[i]} ]] || die "--profiles '$profiles_spec' skips profile$([[ $((profiles[i] - skipped)) -gt 1 ]] && echo "s $skipped-$((profiles[i] - 1))" || echo " $skipped"): each stage starts from the best.pth of the profile before it and the one lr decay counts every profile's epochs; list consecutive profiles (1-5, or 3-5 to continue a run)"
 done
 first=${profiles[0]}
 last=${profiles[${#profiles[@]} - 1]}
@@ -152,6 +156,24 @@ if [[ $dry_run -eq 0 ]]; then
     command -v sbatch >/dev/null 2>&1 || die "sbatch not found: run this on the cluster's login node (or use --dry-run)"
     # Slurm opens the output file before the job starts; a missing directory fails the job at launch.
     mkdir -p "$log_dir"
+fi
+
+if [[ $baseline -eq 1 ]]; then
+    # Sized from the same settings as the stages (train.py's constants and the arguments after --), by the
+    # Python the jobs run (container.sif through apptainer, else .venv, else python3: tools/launch.sh), so the
+    # host's own python3 needs no PyTorch. In a subshell: the runtime's exported PYTHON stays out of the jobs.
+    # Before any job is printed or submitted, so that a failure leaves nothing half done.
+    # shellcheck source=tools/launch.sh
+    source "$here/tools/launch.sh"
+    sizing_log=$(mktemp)
+    trap 'rm -f "$sizing_log"' EXIT
+    if ! baseline_epochs=$(fastseg_select_runtime "$here" >>"$sizing_log" 2>&1 &&
+        "${FASTSEG_LAUNCH[@]}" "$PYTHON" "$here/tools/baseline_epochs.py" \
+            --profiles "${profiles[@]}" -- "${python_args[@]}" 2>>"$sizing_log"); then
+        die "--baseline: could not size the baseline stage with the jobs' $(grep -m1 '^runtime:' "$sizing_log" ||
+            echo 'runtime') ($(grep -v '^runtime:' "$sizing_log" | tail -n 1)); the jobs need PyTorch there too"
+    fi
+    sized_by=$(grep -m1 '^runtime:' "$sizing_log")
 fi
 
 job_ids=()
@@ -216,12 +238,7 @@ if [[ $teacher -eq 1 ]]; then
     done
 fi
 if [[ $baseline -eq 1 ]]; then
-    # Sized from the same settings as the stages (train.py's constants and the arguments after --).
-    # shellcheck source=tools/launch.sh
-    source "$here/tools/launch.sh"
-    baseline_epochs=$("$(fastseg_default_python "$here")" "$here/tools/baseline_epochs.py" \
-        --profiles "${profiles[@]}" -- "${python_args[@]}") || die "could not size the --baseline stage"
-    [[ $dry_run -eq 0 ]] || echo "# baseline: $baseline_epochs epochs at profile $last cost what profiles ${profiles[*]} cost"
+    [[ $dry_run -eq 0 ]] || echo "# baseline: $baseline_epochs epochs at profile $last cost what profiles ${profiles[*]} cost (sized by the jobs' $sized_by)"
     baseline_args=()  # the stages' arguments less their epochs and decay, which the baseline sets itself
     for ((i = 0; i < ${#python_args[@]}; i++)); do
         case ${python_args[i]} in

@@ -35,10 +35,12 @@ from fastseg.checkpoint import (
     append_jsonl,
     atomic_save,
     atomic_write_text,
+    carry_on_resume,
     curriculum_totals,
     load_checkpoint,
     load_previous_stage,
     load_weights,
+    make_stage_dir,
     reconcile_metrics,
     resolve_previous,
     stage_dir,
@@ -51,7 +53,14 @@ from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_train_step_flops
 from fastseg.losses import SegmentationLoss
 from fastseg.models import build_model, has_aux
-from fastseg.optim import apply_recipe, build_optimizer, build_scheduler, decay_span
+from fastseg.optim import (
+    apply_recipe,
+    build_optimizer,
+    build_scheduler,
+    decay_span,
+    planned_decay,
+    restore_optimizer,
+)
 from fastseg.stopping import REQUEUE_EXIT_CODE, StopFlag, agree
 from fastseg.tracking import Progress, Tracker, read_dotenv
 
@@ -216,6 +225,8 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
                                               for k, v in filled.items()))
     profile = stage_profile(args.profile, args.resize, args.patch)
     out = stage_dir(args.output_dir, args.experiment_id, args.profile)
+    if info.is_main:  # a directory that cannot be written fails now, not after the whole set-up
+        make_stage_dir(out, args.output_dir)
     if device.type == "cpu":
         say("note: no GPU in use; training on the CPU (fine for the demo and tests, slow for Cityscapes)")
     else:
@@ -233,8 +244,16 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
             raise UserError(f"--resume: {resume_path} is not a last.pth of this project (it holds no optimiser state)")
         if checkpoint["epoch"] >= args.epochs:
             say(f"stage already complete: {resume_path} holds epoch {checkpoint['epoch']}/{args.epochs}; "
-                "nothing to do (remove it or raise --epochs to train further)")
+                "nothing to do (remove it, or raise --epochs to train further: the added epochs go on from the "
+                "rate where the stage ended, never back up; docs/resume.md)")
             return 0
+    # The lr decay is planned in epochs when the stage starts; a resume keeps that plan (docs/resume.md).
+    plan = decay_span(args.curriculum_epochs, args.profile, args.epochs, args.lr_decay)
+    decay = plan if checkpoint is None else planned_decay(checkpoint["config"], plan)
+    if decay != plan:
+        say(f"note: the lr decay keeps the plan this stage started with (epochs {decay[0]}-{decay[1]} of the decay; "
+            f"these settings would plan {plan[0]}-{plan[1]}): epochs past the planned ones go on down the same "
+            "decay, at --min-lr once it is over; the rate never jumps back up")
 
     # Model: from the previous stage's best weights, unless this stage resumes.
     seed_everything(args.seed, 0, info.rank)
@@ -267,12 +286,16 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     val_loader = build_loader(val_set, args.batch_size, args.num_workers, shuffle=False, seed=args.seed,
                               distributed=info.distributed)
 
-    # Optimiser and this stage's part of the learning-rate decay.
+    # Optimiser and this stage's part of the learning-rate decay. A resume continues the decay at its epoch, at
+    # this run's base rate: after a change of global batch, the rate the recipe gives the new one.
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    start_epoch = 0 if checkpoint is None else checkpoint["epoch"]
+    if checkpoint is not None:
+        restore_optimizer(optimizer, checkpoint["optimizer"], args.lr)
     steps_per_epoch = len(train_loader)
-    before, total = decay_span(args.curriculum_epochs, args.profile, args.epochs, args.lr_decay)
-    scheduler = build_scheduler(optimizer, args.lr_schedule, before * steps_per_epoch, total * steps_per_epoch,
-                                round(args.warmup_epochs * steps_per_epoch), args.min_lr / args.lr)
+    scheduler = build_scheduler(optimizer, args.lr_schedule, decay[0] * steps_per_epoch, decay[1] * steps_per_epoch,
+                                round(args.warmup_epochs * steps_per_epoch), args.min_lr / args.lr,
+                                done_steps=start_epoch * steps_per_epoch)
     # Training compute of one step, counted once on a batch of this stage's crops (all processes together).
     generator = torch.Generator().manual_seed(0)
     ph, pw = profile.patch_hw
@@ -291,25 +314,27 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     if args.compile:
         train_model = torch.compile(train_model)
 
-    start_epoch, best_miou, run_id = 0, -1.0, None
+    best_miou, run_id = -1.0, None
     # Compute and device time of the curriculum so far: the previous stage's totals, or this stage's on resume.
     totals = curriculum_totals(previous) if previous is not None else {"cum_train_tflop": 0.0, "cum_device_hours": 0.0}
     if checkpoint is not None:
         load_weights(model, checkpoint, "--resume", where=resume_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best_miou = checkpoint["epoch"], checkpoint["best_miou"]
+        best_miou = checkpoint["best_miou"]
         run_id = checkpoint.get("wandb_run_id")
         totals = {k: (checkpoint.get("metrics") or {}).get(k, v) for k, v in totals.items()}  # older files: none
         say(f"resumed from {resume_path}: epoch {start_epoch + 1}")
 
     # The run's configuration: every setting, plus what was resolved from them. Fixed from here on.
     config = {**vars(args), **objective_config, "resize": list(profile.resize), "patch": list(profile.patch),
-              "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size}
+              "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size,
+              "global_batch": args.batch_size * info.world_size, "decay_epochs": list(decay)}
+    if checkpoint is not None:  # where the stage came from, and what changed at each resume
+        config, notes = carry_on_resume(checkpoint["config"], config, start_epoch)
+        for note in notes:
+            say(note)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if checkpoint is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start: an old log would mix two runs

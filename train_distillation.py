@@ -9,8 +9,9 @@ changes only: a teacher that has learned the whole curriculum, and the loss::
 KD is DIST (``--kd-loss dist``) or the KL divergence at ``TEMPERATURE`` (``--kd-loss kl``); CWD is channel-wise
 distillation. The cross-entropy is on the student's output at the labels' size; the distillation terms compare
 the logits of both classifiers at the student's output stride (1/8 for Fast-SCNN), before the upsampling, the
-teacher's resized bilinearly to the student's grid, with unlabelled pixels left out. The defaults are the
-published recipes (README, "… a teacher, and want a student."). The constants below are this script's own;
+teacher's resized bilinearly to the student's grid, averaged over every pixel of the batch as the authors do
+(``--kd-pixels labelled``: the labelled ones only; ``--kd-aux``: the auxiliary heads too, at 0.4). The defaults
+are the published recipes (docs/distillation.md). The constants below are this script's own;
 every other setting is ``train.py``'s constant of the same name. Each one is also a flag::
 
     python train_distillation.py --profile 1 --trained-teacher-model-path checkpoints/fast_scnn/profile-5/best.pth
@@ -32,12 +33,11 @@ import torch
 import torch.nn.functional as F
 
 import train
-from fastseg.checkpoint import load_model
 from fastseg.cityscapes import NUM_CLASSES
 from fastseg.config import stage_profile
 from fastseg.errors import UserError, run_cli
-from fastseg.losses import KD_LOSSES, DistillationLoss
-from fastseg.models import ClassifierLogits
+from fastseg.losses import KD_LOSSES, KD_PIXEL_CHOICES, DistillationLoss
+from fastseg.models import ClassifierLogits, aux_head_names, load_model
 
 # ---- what users edit (every other setting is train.py's constant) ------------------------------------------
 PROFILE = 1  # curriculum stage 1..5, as in train.py
@@ -48,6 +48,8 @@ PREVIOUS_STUDENT_MODEL_PATH = "auto"  # auto = the student's best.pth of the pre
 KD_LOSS = "dist"  # dist: DIST (Huang et al. 2022), the teacher's class relations; kl: KL divergence (CIRKD's KD)
 KD_WEIGHT = 1.0  # beside the cross-entropy at full weight; 1.0 in DIST and CIRKD
 TEMPERATURE = 1.0  # softens both sides (DIST's tau, KL's T; the term is scaled by T^2); 1.0 in DIST and CIRKD
+KD_PIXELS = "all"  # all: the KD term over every pixel of the batch (DIST's and CIRKD's code) | labelled: label != 255
+KD_AUX = False  # also distil the auxiliary heads (student's and teacher's), 0.4 x KD each, as the DIST authors
 ALPHA = None  # None: the form above; a number in [0, 1]: (1 - ALPHA) * CE + ALPHA * KD, KD_WEIGHT unused
 CWD_WEIGHT = 0.0  # channel-wise distillation (Shu et al. 2021) added on top; 0 = off, 5.0 as published
 CWD_TEMPERATURE = 1.0  # CWD's own temperature; 1.0 with weight 5 (the CWD authors), 4.0 with weight 3 (CIRKD)
@@ -77,6 +79,12 @@ def add_distillation_flags(parser: argparse.ArgumentParser, defaults: dict) -> N
                    help="weight of the KD term beside the cross-entropy at full weight")
     g.add_argument("--temperature", type=float, default=defaults["temperature"],
                    help="softmax temperature of the KD term (DIST's tau, KL's T), > 0")
+    g.add_argument("--kd-pixels", choices=KD_PIXEL_CHOICES, default=defaults["kd_pixels"],
+                   help="all: the KD term averages over every pixel of the batch (as DIST's and CIRKD's code); "
+                        "labelled: over the pixels whose label is not 255")
+    g.add_argument("--kd-aux", action=argparse.BooleanOptionalAction, default=defaults["kd_aux"],
+                   help="also distil each auxiliary head from the teacher's of the same rank, 0.4 x the KD weight "
+                        "(the DIST authors'); needs --aux and a teacher trained with its heads")
     g.add_argument("--alpha", type=_alpha, default=defaults["alpha"],
                    help="none: CE + kd-weight x KD; a number in [0, 1]: (1 - alpha) x CE + alpha x KD")
     g.add_argument("--cwd-weight", type=float, default=defaults["cwd_weight"],
@@ -102,7 +110,8 @@ def teacher_scale(args, teacher_cfg: dict) -> tuple[float, float]:
 
 
 def teacher_logits(teacher, head: ClassifierLogits, images: torch.Tensor, scale: tuple[float, float]):
-    """The teacher's classifier logits for ``images`` seen at ``scale`` times their size (no gradient)."""
+    """The teacher's classifier logits for ``images`` seen at ``scale`` times their size (no gradient); its
+    auxiliary heads' hooks, if any, get theirs from the same pass."""
     if scale != (1.0, 1.0):
         h, w = images.shape[-2:]
         size = (max(1, round(h * scale[0])), max(1, round(w * scale[1])))
@@ -116,9 +125,11 @@ def build_objective(args, device: torch.device, model):
     """Cross-entropy with the labels plus distillation from the frozen teacher on the same augmented batch."""
     criterion = DistillationLoss(kd=args.kd_loss, kd_weight=args.kd_weight, alpha=args.alpha,
                                  temperature=args.temperature, cwd_weight=args.cwd_weight,
-                                 cwd_temperature=args.cwd_temperature, aux_weight=0.4)
+                                 cwd_temperature=args.cwd_temperature, aux_weight=0.4, kd_pixels=args.kd_pixels)
     flag = "--trained-teacher-model-path"
-    teacher, teacher_cfg = load_model(args.trained_teacher_model_path, device, flag=flag)
+    if args.kd_aux and not aux_head_names(model):
+        raise UserError("--kd-aux: the student has no auxiliary heads to distil; add --aux or drop --kd-aux")
+    teacher, teacher_cfg = load_model(args.trained_teacher_model_path, device, flag=flag, aux=args.kd_aux)
     if int(teacher_cfg.get("num_classes", NUM_CLASSES)) != NUM_CLASSES:
         raise UserError(f"{flag}: {args.trained_teacher_model_path} predicts {teacher_cfg['num_classes']} classes, "
                         f"the student {NUM_CLASSES}; use a teacher trained on the Cityscapes train ids")
@@ -129,15 +140,22 @@ def build_objective(args, device: torch.device, model):
     # Both classifiers' logits at the output stride: the published methods distil there, not on the upsampled
     # output, and the KD term needs about 1/64 of the memory it needs at full size (tests/test_losses.py).
     student_head, teacher_head = ClassifierLogits(model), ClassifierLogits(teacher)
+    # --kd-aux: the heads in the order the models return them, paired by rank (a Fast-SCNN student's 1/8 head
+    # with a torchvision teacher's only one). Their logits before the upsampling, read by hooks as above.
+    pairs = list(zip(aux_head_names(model), aux_head_names(teacher))) if args.kd_aux else []
+    aux_heads = [(ClassifierLogits(model, s), ClassifierLogits(teacher, t)) for s, t in pairs]
+    if pairs:  # the forward runs the heads only in training mode; every layer stays in eval mode
+        teacher.training = True
 
     def objective(student, images, labels):
         output = student(images)
-        return criterion(output, teacher_logits(teacher, teacher_head, images, scale), labels,
-                         student_logits=student_head.take())
+        teacher_main = teacher_logits(teacher, teacher_head, images, scale)
+        return criterion(output, teacher_main, labels, student_logits=student_head.take(),
+                         aux_pairs=[(s.take(), t.take()) for s, t in aux_heads])
 
     teacher_info = {"path": str(args.trained_teacher_model_path), "arch": teacher_cfg.get("arch"),
                     "width_mult": teacher_cfg.get("width_mult"), "profile": teacher_cfg.get("profile"),
-                    "resize": teacher_cfg.get("resize"), "input_scale": list(scale)}
+                    "resize": teacher_cfg.get("resize"), "input_scale": list(scale), "kd_aux_pairs": pairs}
     return objective, {"teacher": teacher_info}
 
 

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 import train
 import train_distillation
 from fastseg.augment import prepare_batch
-from fastseg.checkpoint import load_checkpoint, load_model
+from fastseg.checkpoint import load_checkpoint
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.distributed import resolve_device
 from fastseg.errors import run_cli
 from fastseg.metrics import ConfusionMatrix
-from fastseg.models import ClassifierLogits
+from fastseg.models import ClassifierLogits, load_model
 from tools.synthetic import generate
 
 TEACHER = Profile(5, (512, 256), (384, 192))

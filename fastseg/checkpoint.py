@@ -4,10 +4,13 @@ A checkpoint written by the trainers is a dict::
 
     {"model": state_dict, "config": {...}, "epoch": int, "metrics": {...},
      # last.pth only, for an exact resume:
-     "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ..., "step": int}
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "best_miou": float, "wandb_run_id": str}
 
 ``config`` holds every hyperparameter plus ``arch``, ``num_classes``, ``width_mult``, ``aux`` and ``profile``,
-so a checkpoint alone is enough to rebuild its model. Users' older files are a plain ``state_dict`` of a
+so a checkpoint alone is enough to rebuild its model; and what the stage resolved: ``global_batch``,
+``decay_epochs`` (the lr decay's span, which a resume keeps), ``previous_model_loaded`` and
+``resumed_changes`` (see :func:`carry_on_resume`). A resume rebuilds the schedule from the epoch and the
+config; ``scheduler`` is kept for the record. Users' older files are a plain ``state_dict`` of a
 Fast-SCNN of any width (possibly with ``module.`` or ``_orig_mod.`` prefixes); they load too.
 """
 
@@ -258,6 +261,16 @@ def stage_dir(output_dir: str | Path, experiment_id: str, profile: int) -> Path:
     return Path(output_dir) / experiment_id / f"profile-{profile}"
 
 
+def make_stage_dir(path: Path, output_dir, flag: str = "--output-dir") -> Path:
+    """Create a stage's directory; a path that cannot be created is the user's to fix, named by its flag."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under /proc, a read-only mount, no permission, a file in the way
+        raise UserError(f"{flag} {output_dir}: cannot create {path} ({exc.strerror or exc}); choose a directory "
+                        "you can write to") from None
+    return path
+
+
 def resolve_previous(value: str | None, output_dir, experiment_id: str, profile: int,
                      flag: str = "--previous-model-path") -> Path | None:
     """``none``, a path, or ``auto``: best.pth of the previous profile of the same run (none at profile 1)."""
@@ -300,6 +313,44 @@ def curriculum_totals(previous: Path) -> dict:
     return {"cum_train_tflop": 0.0, "cum_device_hours": 0.0}
 
 
+# Settings that decide the rate and the steps of an epoch: a resume that changes them is recorded in the config.
+RESUME_RECORDED = ("batch_size", "world_size", "global_batch", "lr")
+
+
+def carry_on_resume(saved: dict | None, config: dict, epoch: int) -> tuple[dict, list[str]]:
+    """A resumed run's ``config`` with what earlier runs of the stage recorded, and the notes to print.
+
+    The stage's origin stays: ``previous_model_loaded`` (a resume loads last.pth, not those weights) and, for
+    a student whose teacher path changed, ``teacher_at_start``. ``resumed_changes`` lists, for each resume
+    that changed a setting of ``RESUME_RECORDED``, the epoch it resumed at and ``[before, after]`` of each.
+    """
+    saved = dict(saved or {})
+    if "global_batch" not in saved and {"batch_size", "world_size"} <= saved.keys():  # files from before it
+        saved["global_batch"] = saved["batch_size"] * saved["world_size"]
+    config = {**config, "previous_model_loaded": saved.get("previous_model_loaded"),
+              "resumed_changes": list(saved.get("resumed_changes") or [])}
+    notes = []
+    old, new = saved.get("teacher") or {}, config.get("teacher") or {}
+    if old.get("path") and new.get("path") and old["path"] != new["path"]:
+        config["teacher_at_start"] = saved.get("teacher_at_start") or old
+        notes.append(f"note: this stage started with the teacher {old['path']}; it goes on with {new['path']}")
+    elif saved.get("teacher_at_start"):
+        config["teacher_at_start"] = saved["teacher_at_start"]
+    changed = {k: [saved[k], config[k]] for k in RESUME_RECORDED if k in saved and saved[k] != config[k]}
+    if changed:
+        config["resumed_changes"].append({"epoch": epoch, **changed})
+    if "global_batch" in changed:
+        (old_batch, new_batch), (old_lr, new_lr) = changed["global_batch"], (saved["lr"], config["lr"])
+        notes.append(f"note: up to epoch {epoch} the stage ran with a global batch of {old_batch} ({saved['batch_size']} "
+                     f"x {saved['world_size']} processes), this run has {new_batch} ({config['batch_size']} x "
+                     f"{config['world_size']}): the lr decay goes on from epoch {epoch} at base rate {new_lr:g} "
+                     f"(was {old_lr:g}); config.json lists the change under resumed_changes")
+    elif "lr" in changed:
+        notes.append(f"note: the base rate is {config['lr']:g} from epoch {epoch + 1} on (was {saved['lr']:g}); "
+                     "the lr decay goes on from where it is")
+    return config, notes
+
+
 def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
     """Make ``metrics.jsonl`` hold exactly one line per epoch of the checkpoint a run resumes from.
 
@@ -318,23 +369,3 @@ def reconcile_metrics(path: Path, epochs_done: int, last_record: dict) -> None:
     if records != [kept[e] for e in sorted(kept)]:
         print(f"note: {path} did not match the checkpoint (a killed run); kept epochs {sorted(kept)}", flush=True)
         atomic_write_text(path, "".join(json.dumps(kept[e], sort_keys=True) + "\n" for e in sorted(kept)))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint"):
-    """Build the checkpoint's architecture, load it, and return ``(model in eval mode, config)``.
-
-    The model is the one that is deployed and evaluated: without the auxiliary heads, which only training
-    uses (so its parameter count is the model's, not the training aids'). Strict for every other weight.
-    """
-    from fastseg.models import build_model
-
-    ckpt = load_checkpoint(path, flag)
-    cfg = model_config(ckpt)
-    model = build_model(
-        cfg.get("arch", "fast_scnn"),
-        num_classes=int(cfg.get("num_classes", 19)),
-        aux=False,
-        width_mult=float(cfg.get("width_mult", 1.0)),
-    )
-    load_weights(model, {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}, flag=flag, where=path)
-    return model.to(device).eval(), cfg

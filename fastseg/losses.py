@@ -183,6 +183,8 @@ def cwd_loss(
 
 
 KD_LOSSES = ("dist", "kl")
+# Which pixels the KD term averages over: every pixel of the batch (DIST's and CIRKD's code), or the labelled ones.
+KD_PIXEL_CHOICES = ("all", "labelled")
 
 
 class DistillationLoss:
@@ -194,14 +196,21 @@ class DistillationLoss:
       cwd_weight·CWD``; ``kd_weight`` is not used.
 
     KD is ``dist`` (:func:`dist_loss`, τ = ``temperature``) or ``kl`` (:func:`kd_loss` at ``temperature``),
-    over the labelled pixels; CWD (:func:`cwd_loss` at ``cwd_temperature``) is an extra term, off at weight 0.
+    averaged over every pixel of the batch (``kd_pixels="all"``, as the DIST authors' segmentation code and
+    CIRKD's ``CriterionKD`` do) or over the labelled ones only (``"labelled"``); CWD (:func:`cwd_loss` at
+    ``cwd_temperature``) is an extra term over every position, off at weight 0.
 
-    Called as ``loss_fn(student_output, teacher_logits, target, student_logits=None)``. ``student_output``
-    is the logits tensor or ``(main, aux, ...)`` at the labels' size, for the cross-entropy;
-    ``student_logits`` are the logits the distillation compares with the teacher's (the classifier's, at the
-    model's output stride); without them the main output is used. Returns ``(total, parts)`` with ``ce``
-    (main CE), ``kd``, ``aux`` (the sum over the auxiliary outputs, as in ``SegmentationLoss``) when the
-    student has them, and ``cwd`` when ``cwd_weight > 0``.
+    With ``aux_pairs`` (student's and teacher's auxiliary-head logits), KD also compares each pair, at
+    ``aux_weight`` (0.4) times the main term's weight, as the DIST authors distil their auxiliary head:
+    ``KD`` above becomes ``KD(main) + aux_weight · Σ KD(aux pair)``.
+
+    Called as ``loss_fn(student_output, teacher_logits, target, student_logits=None, aux_pairs=())``.
+    ``student_output`` is the logits tensor or ``(main, aux, ...)`` at the labels' size, for the
+    cross-entropy; ``student_logits`` are the logits the distillation compares with the teacher's (the
+    classifier's, at the model's output stride); without them the main output is used. Returns
+    ``(total, parts)`` with ``ce`` (main CE), ``kd`` (the main pair's), ``aux`` (the sum over the auxiliary
+    outputs, as in ``SegmentationLoss``) when the student has them, ``kd_aux`` (the sum over ``aux_pairs``)
+    when given, and ``cwd`` when ``cwd_weight > 0``.
     """
 
     def __init__(
@@ -214,7 +223,10 @@ class DistillationLoss:
         cwd_temperature: float = 1.0,
         aux_weight: float = 0.4,
         ignore_index: int = 255,
+        kd_pixels: str = "all",
     ):
+        if kd_pixels not in KD_PIXEL_CHOICES:
+            raise UserError(f"--kd-pixels: unknown choice {kd_pixels!r}; choose one of {', '.join(KD_PIXEL_CHOICES)}")
         if kd not in KD_LOSSES:
             raise UserError(f"--kd-loss: unknown loss {kd!r}; choose one of {', '.join(KD_LOSSES)}")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -237,6 +249,8 @@ class DistillationLoss:
         self.cwd_weight = cwd_weight
         self.cwd_temperature = cwd_temperature
         self.ignore_index = ignore_index
+        self.kd_pixels = kd_pixels
+        self.aux_weight = aux_weight
         self.segmentation = SegmentationLoss(aux_weight=aux_weight, ignore_index=ignore_index)
 
     def __call__(
@@ -245,16 +259,18 @@ class DistillationLoss:
         teacher_logits: Output,
         target: torch.Tensor,
         student_logits: torch.Tensor | None = None,
+        aux_pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...] | list = (),
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if student_logits is None:
             student_logits, _ = _split(student_output)
         teacher, _ = _split(teacher_logits)
         seg, parts = self.segmentation(student_output, target)
-        if self.kd == "dist":
-            kd = dist_loss(student_logits, teacher, target, self.temperature, ignore_index=self.ignore_index)
-        else:
-            kd = kd_loss(student_logits, teacher, target, self.temperature, self.ignore_index)
+        kd = self._kd(student_logits, teacher, target)
         parts["kd"] = kd.detach()
+        if aux_pairs:
+            kd_aux = sum(self._kd(s, t, target) for s, t in aux_pairs)
+            parts["kd_aux"] = kd_aux.detach()
+            kd = kd + self.aux_weight * kd_aux
         if self.alpha is None:
             total = seg + self.kd_weight * kd
         else:
@@ -264,3 +280,9 @@ class DistillationLoss:
             parts["cwd"] = cwd.detach()
             total = total + self.cwd_weight * cwd
         return total, parts
+
+    def _kd(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target if self.kd_pixels == "labelled" else None  # None: every pixel of the batch
+        if self.kd == "dist":
+            return dist_loss(student, teacher, target, self.temperature, ignore_index=self.ignore_index)
+        return kd_loss(student, teacher, target, self.temperature, self.ignore_index)

@@ -27,7 +27,7 @@ from torchvision.models import get_model_weights
 from torchvision.models import segmentation as tv_segmentation
 
 from fast_scnn import FastSCNN
-from fastseg.checkpoint import load_checkpoint
+from fastseg.checkpoint import fit_aux_heads, load_checkpoint, load_weights, model_config
 from fastseg.errors import UserError
 
 # torchvision builder and whether it has an auxiliary classifier.
@@ -88,10 +88,10 @@ class ClassifierLogits:
     ``torch.compile`` of the model. ``take()`` hands each forward's logits over once and keeps no reference.
     """
 
-    def __init__(self, model: nn.Module):
-        head = getattr(model, "classifier", None)
+    def __init__(self, model: nn.Module, name: str = "classifier"):
+        head = getattr(model, name, None)
         if not isinstance(head, nn.Module):
-            raise ValueError(f"{type(model).__name__} has no classifier module to read the logits of")
+            raise ValueError(f"{type(model).__name__} has no {name} module to read the logits of")
         self._logits: torch.Tensor | None = None
         self._handle = head.register_forward_hook(self._keep)
 
@@ -170,6 +170,12 @@ def load_pretrained_backbone(model: TorchvisionSegmenter, arch: str, source: str
     return where
 
 
+def aux_head_names(model: nn.Module) -> list[str]:
+    """The auxiliary heads ``model`` has, in the order its training-mode forward returns their outputs."""
+    return [name for name in ("auxlayer", "auxlayer_gfe", "aux_classifier")
+            if isinstance(getattr(model, name, None), nn.Module)]
+
+
 def has_aux(arch: str) -> bool:
     """Whether ``arch`` can train with an auxiliary head."""
     return arch == "fast_scnn" or (arch in _TORCHVISION and _TORCHVISION[arch][1])
@@ -211,3 +217,28 @@ def build_model(
     if pretrained_backbone is not None:
         load_pretrained_backbone(model, arch, pretrained_backbone)
     return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", flag: str = "checkpoint", aux: bool = False):
+    """Build the checkpoint's architecture, load it, and return ``(model in eval mode, config)``.
+
+    The model is the one that is deployed and evaluated: without the auxiliary heads, which only training
+    uses (so its parameter count is the model's, not the training aids'). Strict for every other weight.
+    ``aux=True`` keeps the heads too (a teacher whose heads are distilled): each must be in the file.
+    """
+    ckpt = load_checkpoint(path, flag)
+    cfg = model_config(ckpt)
+    arch = cfg.get("arch", "fast_scnn")
+    if aux and not has_aux(arch):
+        raise UserError(f"{flag}: {path} is a {arch}, which has no auxiliary head to distil")
+    model = build_model(arch, num_classes=int(cfg.get("num_classes", 19)), aux=aux,
+                        width_mult=float(cfg.get("width_mult", 1.0)))
+    if aux:
+        missing = [n for n in aux_head_names(model) if not any(k.startswith(n + ".") for k in ckpt["model"])]
+        if missing:
+            raise UserError(f"{flag}: {path} holds no weights of the auxiliary head(s) {', '.join(missing)}; "
+                            "use a teacher trained with --aux")
+    else:
+        ckpt = {**ckpt, "model": fit_aux_heads(model, ckpt["model"])}
+    load_weights(model, ckpt, flag=flag, where=path)
+    return model.to(device).eval(), cfg

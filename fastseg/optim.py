@@ -79,6 +79,21 @@ def decay_span(curriculum_epochs: list[int], profile: int, epochs: int, scope: s
     return before, before + epochs + sum(curriculum_epochs[profile:])
 
 
+def planned_decay(saved: dict | None, plan: tuple[int, int]) -> tuple[int, int]:
+    """The decay span of a resumed stage: the one it started with (its checkpoint's config), not ``plan``.
+
+    The decay is planned once, when a stage starts; a resume with other --epochs, --curriculum-epochs or
+    --lr-decay keeps it, so the rate never jumps back up (docs/resume.md). Files from before the span was
+    stored have it recomputed from their own settings.
+    """
+    saved = saved or {}
+    if saved.get("decay_epochs"):
+        return tuple(saved["decay_epochs"])
+    if all(saved.get(k) is not None for k in ("curriculum_epochs", "profile", "epochs", "lr_decay")):
+        return decay_span(saved["curriculum_epochs"], saved["profile"], saved["epochs"], saved["lr_decay"])
+    return plan
+
+
 def lr_factor(step: int, total_steps: int, schedule: str, min_factor: float = 0.0) -> float:
     """Multiplier of the base rate at ``step`` of a decay of ``total_steps``: poly (power 0.9) from 1 down to
     ``min_factor`` (mmsegmentation's ``min_lr`` / lr), or constant."""
@@ -89,12 +104,23 @@ def lr_factor(step: int, total_steps: int, schedule: str, min_factor: float = 0.
 
 
 def build_scheduler(optimizer, schedule: str, start_step: int, total_steps: int, warmup_steps: int = 0,
-                    min_factor: float = 0.0):
+                    min_factor: float = 0.0, done_steps: int = 0):
     """This stage's part of the decay: from ``start_step`` of ``total_steps``, after an optional linear warm-up
-    (after a change of resolution) up to the rate the decay has reached there."""
+    (after a change of resolution) up to the rate the decay has reached there. ``done_steps``: the steps of
+    the stage already trained (a resume), counted at this run's steps per epoch, so the decay goes on at the
+    same epoch whatever the batch is now."""
 
     def factor(step: int) -> float:
+        step += done_steps
         rate = lr_factor(start_step + step, total_steps, schedule, min_factor)
         return rate * (step + 1) / warmup_steps if step < warmup_steps else rate
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def restore_optimizer(optimizer, state: dict, lr: float) -> None:
+    """Load a saved optimiser state (momentum, Adam's moments) with this run's base rate ``lr`` in place of
+    the saved one: a resume with another global batch trains at the rate its recipe gives that batch."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr

@@ -13,12 +13,11 @@ from conftest import TINY_ARGS
 import train
 import train_distillation
 from fastseg.augment import prepare_batch
-from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.errors import UserError
 from fastseg.losses import cross_entropy, cwd_loss, dist_loss, kd_loss
-from fastseg.models import ClassifierLogits, build_model
+from fastseg.models import ClassifierLogits, build_model, load_model
 
 TINY = Profile(1, (128, 64), (96, 48))
 
@@ -195,9 +194,10 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
     low_s, low_t = ours_s.take(), ours_t.take()
     assert low_s.shape[-2:] == low_t.shape[-2:] == (6, 12)  # 48x96 crops: Fast-SCNN's 1/8 grid
     _, parts = objective(student, x, y)
-    assert parts["kd"].item() == pytest.approx(dist_loss(low_s, low_t, y).item(), rel=1e-5)
-    # and not the distillation of the upsampled outputs, which differs
-    assert parts["kd"].item() != pytest.approx(dist_loss(student(x), teacher_model(x), y).item(), rel=1e-3)
+    assert parts["kd"].item() == pytest.approx(dist_loss(low_s, low_t).item(), rel=1e-5)
+    # and not the distillation of the upsampled outputs, which differs (by about 1e-4 of its value here: over
+    # every pixel, bilinear upsampling keeps the correlations nearly as they are; the match above is to 1e-5)
+    assert parts["kd"].item() != pytest.approx(dist_loss(student(x), teacher_model(x)).item(), rel=2e-5)
     # the cross-entropy stays on the full-resolution output: a training-mode student returns (main, aux...)
     student.train()
     torch.manual_seed(1)
@@ -232,7 +232,7 @@ def test_the_objective_is_ce_and_aux_plus_each_distillation_term_at_its_weight(t
     low_s, low_t = ours_s.take(), ours_t.take()
     ce = cross_entropy(main, y)
     aux_ce = sum(cross_entropy(logits, y) for logits in aux)
-    kd = kd_loss(low_s, low_t, y, temperature=2.0)
+    kd = kd_loss(low_s, low_t, temperature=2.0)  # every pixel of the batch, the default (--kd-pixels all)
     cwd = cwd_loss(low_s, low_t, temperature=4.0)
     assert len(aux) == 2
     assert set(parts) == {"ce", "aux", "kd", "cwd"}
@@ -263,7 +263,7 @@ def test_teacher_input_teacher_scales_the_batch_to_the_teachers_resolution(teach
         teacher_model(torch.nn.functional.interpolate(x, size=(48, 96), mode="bilinear", align_corners=False))
     head = ClassifierLogits(student)
     student(x)
-    assert parts["kd"].item() == pytest.approx(kd_loss(head.take(), probe.take(), y).item(), rel=1e-4)
+    assert parts["kd"].item() == pytest.approx(kd_loss(head.take(), probe.take()).item(), rel=1e-4)
     loss.backward()
 
 
@@ -273,3 +273,45 @@ def test_teacher_input_teacher_needs_a_checkpoint_that_knows_its_resolution(synt
     with pytest.raises(UserError, match="--teacher-input teacher: .*plain.pth does not say at which resolution"):
         train_distillation.main(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(plain),
                                      "--teacher-input", "teacher", "--previous-student-model-path", "none"))
+
+
+def test_kd_aux_distils_each_head_from_the_teachers_of_the_same_rank_with_the_teacher_frozen(synthetic_root,
+                                                                                             tmp_path):
+    torch.manual_seed(0)
+    with_heads, without = tmp_path / "with_heads.pth", tmp_path / "without.pth"
+    torch.save(build_model("fast_scnn", aux=True).state_dict(), with_heads)  # a plain state_dict with its heads
+    torch.save(build_model("fast_scnn").state_dict(), without)
+
+    def objective_for(teacher_path, *extra):
+        args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher_path),
+                                     "--kd-aux", *extra),
+                                train_distillation.constants(), extend=train_distillation.add_distillation_flags)
+        student = build_model("fast_scnn", aux=True)
+        return student, *train_distillation.build_objective(args, torch.device("cpu"), student)
+
+    student, objective, extra = objective_for(with_heads)
+    heads = [["auxlayer", "auxlayer"], ["auxlayer_gfe", "auxlayer_gfe"]]
+    assert [list(p) for p in extra["teacher"]["kd_aux_pairs"]] == heads
+    teacher_model = next(c.cell_contents for c in objective.__closure__
+                         if isinstance(c.cell_contents, torch.nn.Module))
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    images, labels, _ = next(iter(build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0,
+                                               shuffle=True, seed=0)))
+    x, y = prepare_batch(images, labels, "cpu", train=True)
+    student.train()
+    loss, parts = objective(student, x, y)
+    loss.backward()
+    assert parts["kd_aux"] > 0 and parts["kd"] > 0
+    assert all(not m.training for m in teacher_model.modules() if m is not teacher_model)  # BatchNorm, dropout
+    for key, value in teacher_model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running statistics untouched
+    assert student.auxlayer_gfe[0].weight.grad.abs().sum() > 0
+
+    with pytest.raises(UserError, match="--trained-teacher-model-path: .*without.pth holds no weights of the "
+                                        "auxiliary head"):
+        objective_for(without)
+    with pytest.raises(UserError, match="--kd-aux: the student has no auxiliary heads"):
+        args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(with_heads),
+                                     "--kd-aux"),
+                                train_distillation.constants(), extend=train_distillation.add_distillation_flags)
+        train_distillation.build_objective(args, torch.device("cpu"), build_model("fast_scnn"))

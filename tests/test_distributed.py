@@ -19,13 +19,12 @@ import torch.multiprocessing as mp
 from conftest import ROOT, TINY_ARGS
 
 import train
-from fastseg.checkpoint import load_model
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
 from fastseg.distributed import env_dist_info, expand_hostlist, first_slurm_host, master_port
 from fastseg.engine import evaluate
 from fastseg.errors import UserError
-from fastseg.models import build_model
+from fastseg.models import build_model, load_model
 from fastseg.stopping import REQUEUE_EXIT_CODE, StopFlag
 from fastseg.tracking import Progress
 

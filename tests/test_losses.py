@@ -275,8 +275,8 @@ def test_distillation_loss_forms():
     target[1, 2, 2] = 255
     ce = F.cross_entropy(student, target, ignore_index=255)
     ce_aux = F.cross_entropy(aux, target, ignore_index=255)
-    kl = kd_loss(student, teacher, target, temperature=2.0)
-    dist = dist_loss(student, teacher, target, temperature=2.0)
+    kl = kd_loss(student, teacher, temperature=2.0)  # every pixel, the default
+    dist = dist_loss(student, teacher, temperature=2.0)
     cwd = cwd_loss(student, teacher, temperature=4.0)
 
     # the published form: the cross-entropy at full weight, the distillation added
@@ -313,9 +313,81 @@ def test_distillation_loss_distils_the_given_logits_and_takes_ce_on_the_output()
     target[:, :8] = 255
     for kd, fn in (("dist", dist_loss), ("kl", kd_loss)):
         total, parts = DistillationLoss(kd=kd)((output, output), teacher, target, student_logits=low)
-        assert parts["kd"].item() == pytest.approx(fn(low, teacher, target).item(), rel=1e-6)
+        assert parts["kd"].item() == pytest.approx(fn(low, teacher).item(), rel=1e-6)
         assert parts["ce"].item() == pytest.approx(cross_entropy(output, target).item(), rel=1e-6)
         assert total.item() == pytest.approx((1.4 * parts["ce"] + parts["kd"]).item(), rel=1e-6)
+
+
+def _pearson_reference(a, b, eps=1e-8):
+    """The authors' correlation: cosine similarity of the centred vectors, eps added to the norms' product."""
+    a, b = a - a.mean(), b - b.mean()
+    return float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + eps))
+
+
+def _dist_authors_reference(student, teacher):
+    """DIST as the authors' segmentation code computes it (β = γ = 1, no temperature), loop by loop: every
+    pixel of the batch is a row of class probabilities; 1 − correlation per row, averaged, plus 1 −
+    correlation per class column, averaged. No label is read: ignored pixels count like the others."""
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n, c, h, w = s.shape
+    rows_s = [_softmax(s[b, :, y, x]) for b in range(n) for y in range(h) for x in range(w)]
+    rows_t = [_softmax(t[b, :, y, x]) for b in range(n) for y in range(h) for x in range(w)]
+    inter = sum(1 - _pearson_reference(a, b) for a, b in zip(rows_s, rows_t)) / len(rows_s)
+    columns = [([r[k] for r in rows_s], [r[k] for r in rows_t]) for k in range(c)]
+    intra = sum(1 - _pearson_reference(np.array(a), np.array(b)) for a, b in columns) / c
+    return inter + intra
+
+
+def _cirkd_kd_reference(student, teacher):
+    """CIRKD's CriterionKD at T = 1: F.kl_div(log p_s, p_t, reduction="batchmean") over the (N·H·W)×C rows,
+    i.e. the KL summed over classes and divided by the number of pixels, labelled or not; loop by loop."""
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n, _, h, w = s.shape
+    total = 0.0
+    for b in range(n):
+        for y in range(h):
+            for x in range(w):
+                p, q = _softmax(t[b, :, y, x]), _softmax(s[b, :, y, x])
+                total += float(np.sum(p * (np.log(p) - np.log(q))))
+    return total / (n * h * w)
+
+
+def _random_batch(seed):
+    student, teacher = _logits(2, 5, 3, 4, seed=seed), _logits(2, 5, 3, 4, seed=seed + 1)
+    target = torch.randint(0, 5, (2, 3, 4), generator=torch.Generator().manual_seed(seed + 2))
+    target[0, 0, :] = 255
+    target[1, 1:, 2] = 255
+    teacher[0, :, 0, :] *= 4  # a confident teacher where the labels are ignored: there the terms tell them apart
+    return student, teacher, target
+
+
+def test_the_kd_defaults_average_over_every_pixel_as_the_authors_do():
+    student, teacher, target = _random_batch(60)
+    for kd, authors in (("dist", _dist_authors_reference), ("kl", _cirkd_kd_reference)):
+        _, parts = DistillationLoss(kd=kd)(student, teacher, target)
+        assert parts["kd"].item() == pytest.approx(authors(student, teacher), rel=1e-5), kd
+        # --kd-pixels labelled: the pixels labelled 255 are left out, which changes the value here
+        _, labelled = DistillationLoss(kd=kd, kd_pixels="labelled")(student, teacher, target)
+        reference = _dist_reference if kd == "dist" else _kd_reference
+        assert labelled["kd"].item() == pytest.approx(reference(student, teacher, target, 1.0), rel=1e-5), kd
+        assert labelled["kd"].item() != pytest.approx(parts["kd"].item(), rel=1e-3)
+
+
+def test_kd_aux_adds_each_auxiliary_pair_at_0_4_as_the_dist_authors():
+    student, teacher, target = _random_batch(70)
+    aux_s, aux_t = _logits(2, 5, 3, 4, seed=73), _logits(2, 5, 6, 8, seed=74)  # the teacher's head on its own grid
+    main, aux1, aux2 = (_logits(2, 5, 3, 4, seed=s) for s in (75, 76, 77))
+    ce = sum(w * F.cross_entropy(x, target, ignore_index=255) for w, x in ((1, main), (0.4, aux1), (0.4, aux2)))
+    aux_t_on_grid = F.interpolate(aux_t, size=(3, 4), mode="bilinear", align_corners=False)
+    kd_main, kd_aux = _dist_authors_reference(student, teacher), _dist_authors_reference(aux_s, aux_t_on_grid)
+    loss = DistillationLoss(kd="dist", kd_weight=2.0)
+    total, parts = loss((main, aux1, aux2), teacher, target, student_logits=student, aux_pairs=[(aux_s, aux_t)])
+    assert parts["kd"].item() == pytest.approx(kd_main, rel=1e-5)
+    assert parts["kd_aux"].item() == pytest.approx(kd_aux, rel=1e-5)
+    assert total.item() == pytest.approx(ce.item() + 2.0 * (kd_main + 0.4 * kd_aux), rel=1e-5)
+    total, _ = DistillationLoss(kd="dist", alpha=0.25)((main, aux1, aux2), teacher, target, student_logits=student,
+                                                       aux_pairs=[(aux_s, aux_t)])
+    assert total.item() == pytest.approx(0.75 * ce.item() + 0.25 * (kd_main + 0.4 * kd_aux), rel=1e-5)
 
 
 def _peak_bytes(fn) -> int:
@@ -375,6 +447,7 @@ def test_distilling_on_the_eighth_grid_needs_a_fraction_of_the_memory(loss):
         ({"temperature": 0.0}, "--temperature"),
         ({"temperature": -1.0}, "--temperature"),
         ({"cwd_weight": -1.0}, "--cwd-weight"),
+        ({"kd_pixels": "valid"}, "--kd-pixels"),
     ],
 )
 def test_bad_hyperparameters_raise_user_error_naming_the_flag(kwargs, flag):

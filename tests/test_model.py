@@ -16,13 +16,13 @@ from fastseg.checkpoint import (
     infer_config,
     infer_width_mult,
     load_checkpoint,
-    load_model,
     load_weights,
 )
 from fastseg.errors import UserError
 from fastseg.flops import count_macs, count_params
-from fastseg.models import ARCHS, build_model
+from fastseg.models import ARCHS, build_model, load_model
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 
 # GMACs that thop reports for the default Fast-SCNN at the five curriculum resize resolutions (W, H), as
@@ -377,3 +377,25 @@ def test_unknown_arch_lists_choices():
     with pytest.raises(UserError) as info:
         build_model("unet")
     assert all(arch in str(info.value) for arch in ARCHS)
+
+
+def test_the_package_has_no_import_cycle():
+    # Each fastseg module's imports of other fastseg modules (at any depth in the file, lazy ones too).
+    import ast
+
+    package = ROOT / "fastseg"
+    graph = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastseg."):
+                names.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fastseg.")}
+        graph[path.stem] = names - {path.stem}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    assert "models" not in graph["checkpoint"] and "checkpoint" in graph["models"]
+    assert [m for m in graph if reaches(m, m)] == []

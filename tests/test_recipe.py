@@ -14,10 +14,10 @@ from test_train import argv, records
 from torch import nn
 
 import train
-from fastseg.checkpoint import load_checkpoint, load_model
+from fastseg.checkpoint import load_checkpoint
 from fastseg.data import SegmentationDataset
 from fastseg.flops import count_flops
-from fastseg.models import build_model
+from fastseg.models import build_model, load_model
 from fastseg.optim import apply_recipe
 
 

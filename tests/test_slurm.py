@@ -353,7 +353,7 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
         ["bash", str(ROOT / "submit_curriculum.sh"), "--dry-run", *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,  # --baseline imports PyTorch to size its stage
     )
 
 
@@ -431,6 +431,64 @@ def test_dry_run_continues_a_run_and_rejects_bad_options():
     ]:
         done = dry_run(*args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+
+
+def test_dry_run_refuses_a_gap_in_the_profiles_at_once():
+    for spec, skipped in (("1,3,5", "profile 2"), ("2,5", "profiles 3-4")):
+        done = dry_run("--profiles", spec, "--experiment-id", "run", "--with-student", "--baseline")
+        assert done.returncode == 2 and done.stdout == "", done.stdout  # nothing planned, nothing sized
+        assert done.stderr.splitlines() == [
+            f"error: submit_curriculum.sh: --profiles '{spec}' skips {skipped}: each stage starts from the best.pth "
+            "of the profile before it and the one lr decay counts every profile's epochs; list consecutive "
+            "profiles (1-5, or 3-5 to continue a run)"]
+
+
+# A python3 that cannot import PyTorch, as on a login node where it lives only in the container.
+NO_TORCH_PYTHON = """#!/usr/bin/env bash
+PYTHONPATH={blocker} exec {python} "$@"
+"""
+# apptainer exec [--nv] IMAGE CMD...: CMD as the image runs it, whose python3 has PyTorch (the project's .venv).
+APPTAINER = """#!/usr/bin/env bash
+shift; [[ $1 == --nv ]] && shift; shift
+if [[ $1 == python3 ]]; then shift; exec {venv_python} "$@"; fi
+exec "$@"
+"""
+
+
+@pytest.mark.parametrize("runtime", ["container", "venv", "none"])
+def test_dry_run_sizes_the_baseline_with_the_jobs_python_not_the_hosts(tmp_path, runtime):
+    import shutil
+
+    project = edited_project(tmp_path, "train.py", {})
+    bin_dir, blocker = tmp_path / "bin", tmp_path / "blocker" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    executable(bin_dir / "python3", NO_TORCH_PYTHON.format(blocker=blocker.parent, python=shutil.which("python3")))
+    if runtime != "venv":
+        (project / ".venv").unlink()
+    if runtime == "container":
+        (project / "container.sif").write_text("")
+        executable(bin_dir / "apptainer", APPTAINER.format(venv_python=ROOT / ".venv" / "bin" / "python"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "CONTAINER", "VIRTUAL_ENV")}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    host = subprocess.run(["python3", "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert host.returncode != 0 and "No module named 'torch'" in host.stderr  # the host's python3: no PyTorch
+
+    done = subprocess.run(["bash", "submit_curriculum.sh", "--dry-run", "--experiment-id", "ab", "--baseline",
+                           "--no-eval", "--", "--curriculum-epochs", "40,30,20,10,10"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    if runtime == "none":  # the jobs would run that python3 too: one line, before anything is planned
+        assert done.returncode == 2 and done.stdout == ""
+        [line] = done.stderr.splitlines()
+        assert line.startswith("error: submit_curriculum.sh: --baseline: could not size the baseline stage with the "
+                               "jobs' runtime: host python3") and "No module named 'torch'" in line, line
+        return
+    assert done.returncode == 0, done.stderr
+    sized = {"container": f"runtime: apptainer exec --nv {project}/container.sif python3",
+             "venv": f"runtime: host {project}/.venv/bin/python"}[runtime]
+    assert f"# baseline: 28 epochs at profile 5 cost what profiles 1 2 3 4 5 cost (sized by the jobs' {sized}" \
+        in done.stdout, done.stdout
+    assert "--epochs 28 --lr-decay stage" in done.stdout  # as the test above sizes it
 
 
 def test_without_root_slurm_is_unavailable_rather_than_broken(monkeypatch):

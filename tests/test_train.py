@@ -15,12 +15,13 @@ import torch
 from conftest import ROOT, TINY_ARGS, TRAIN_IMAGES
 
 import train
-from fastseg.checkpoint import atomic_path, atomic_save, load_checkpoint, load_model
+from fastseg.checkpoint import atomic_path, atomic_save, load_checkpoint
 from fastseg.cityscapes import PROFILES
 from fastseg.data import SegmentationDataset
 from fastseg.engine import NonFiniteLoss
 from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
+from fastseg.models import load_model
 from fastseg.stopping import REQUEUE_EXIT_CODE
 
 
@@ -383,3 +384,17 @@ def test_a_stage_loads_the_previous_one_with_or_without_auxiliary_heads(tmp_path
         for key, value in loaded.items():  # the shared layers come from the file, an added head stays fresh
             expected = source.state_dict()[key] if key in source.state_dict() else fresh[key]
             assert torch.equal(value, expected), key
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line_naming_the_flag(synthetic_root, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--output-dir", "/proc/fastseg-runs", "--device", "cpu",
+         "--wandb", "disabled", "--previous-model-path", "none"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --output-dir /proc/fastseg-runs: cannot create"), lines
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(UserError, match="--output-dir .*a-file: cannot create"):
+        train.main(argv(synthetic_root, tmp_path / "a-file", "--epochs", "1"))
