@@ -60,8 +60,13 @@ ONNX export (needs ``pip install onnxscript``), timed with onnxruntime when it i
 
     python evaluate_efficiency.py --current-model-path best.pth --skip-accuracy --export-onnx results/fast_scnn.onnx
 
-With several checkpoints (or profiles), predictions go to one sub-folder per checkpoint and ONNX files get
-the checkpoint's name appended.
+Packages to submit or deploy, each running without this repo and scoring what the table says (a grader's zip
+and a Docker entry point; docs/deploy.md)::
+
+    python evaluate_efficiency.py --current-model-path best.pth --skip-speed --export-submission results/submit
+
+With several checkpoints (or profiles), predictions and packages go to one sub-folder per checkpoint and ONNX
+files get the checkpoint's name appended.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from fastseg.cityscapes import Profile, get_profile
 from fastseg.config import report_overrides
 from fastseg.distributed import resolve_device
 from fastseg.errors import UserError, run_cli
+from fastseg.submission import export_submission
 
 # ---- what users edit ---------------------------------------------------------------------------------------
 CURRENT_MODEL_PATH = ("checkpoints/fast_scnn/profile-*/best.pth",)  # paths or globs: every stage of a run
@@ -107,6 +113,7 @@ COMPILE = False  # time the model after torch.compile
 SAVE_PREDICTIONS = None  # folder for <city>_<seq>_<frame>_pred_labelIds.png (the official evaluation's input)
 SAVE_OVERLAYS = None  # folder for colour overlays of the predictions on the images
 EXPORT_ONNX = None  # path of a BN-folded fp32 ONNX export (needs onnxscript), timed by onnxruntime
+EXPORT_SUBMISSION = None  # folder: per checkpoint, the grader's codalab.zip and a docker/ package (docs/deploy.md)
 
 
 def constants() -> dict[str, Any]:
@@ -162,6 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-onnx", default=d["export_onnx"], metavar="PATH",
                    help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime "
                    "if installed")
+    p.add_argument("--export-submission", default=d["export_submission"], metavar="DIR",
+                   help="write DIR/<checkpoint>/codalab.zip (model.py, model.pth, process_data.py) and "
+                   "DIR/<checkpoint>/docker/ (Dockerfile, predict.py, ...): packages that run without this repo, "
+                   "with the evaluation's pre- and post-processing (docs/deploy.md)")
     args = p.parse_args(argv)
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -176,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.skip_accuracy and (optional_path(args.save_predictions) or optional_path(args.save_overlays)):
         raise UserError("--save-predictions/--save-overlays: need the val pass; drop --skip-accuracy")
     requested_profiles(args.profile)  # a bad --profile ends here
+    submission = optional_path(args.export_submission)
+    if submission is not None and submission.exists() and not submission.is_dir():
+        raise UserError(f"--export-submission: {submission} is a file; give a folder (it is created if missing)")
     if args.compare is not None:
         if args.skip_accuracy:
             raise UserError("--compare: compares accuracy; drop --skip-accuracy")
@@ -477,6 +491,12 @@ def evaluate_checkpoint(
                 file=sys.stderr,
                 flush=True,
             )
+
+    submission = optional_path(args.export_submission)
+    if submission is not None:
+        package = export_submission(model, config, profile, submission / report.slug(file_label))
+        print(f"{label}: submission packages in {package} (codalab.zip, docker/)", file=sys.stderr, flush=True)
+        row["submission_dir"] = str(package)
 
     row.update(measure.efficiency_scores(row))
     del model
