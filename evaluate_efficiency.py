@@ -80,7 +80,7 @@ from typing import Any
 
 import torch
 
-from fastseg import measure, report
+from fastseg import deploy, measure, report
 from fastseg.cityscapes import Profile, get_profile
 from fastseg.config import report_overrides
 from fastseg.distributed import resolve_device
@@ -112,6 +112,7 @@ CHANNELS_LAST = True  # time in the channels_last memory format, as a deployment
 COMPILE = False  # time the model after torch.compile
 SAVE_PREDICTIONS = None  # folder for <city>_<seq>_<frame>_pred_labelIds.png (the official evaluation's input)
 SAVE_OVERLAYS = None  # folder for colour overlays of the predictions on the images
+DEPLOYED_SPEED = True  # on a CPU, also time onnxruntime on the ONNX export: ~2x PyTorch's speed (docs/deploy.md)
 EXPORT_ONNX = None  # path of a BN-folded fp32 ONNX export (needs onnxscript), timed by onnxruntime
 EXPORT_SUBMISSION = None  # folder: per checkpoint, the grader's codalab.zip and a docker/ package (docs/deploy.md)
 
@@ -166,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one <city>_<seq>_<frame>_pred_labelIds.png (Cityscapes label ids) per val image")
     p.add_argument("--save-overlays", default=d["save_overlays"], metavar="DIR",
                    help="colour overlays of the predictions on the images (kept apart from the label-id PNGs)")
+    p.add_argument("--deployed-speed", action=argparse.BooleanOptionalAction, default=d["deployed_speed"],
+                   help="on a CPU, also time the deployed path: onnxruntime on the BN-folded ONNX export (needs "
+                   "onnxscript and onnxruntime), shown beside PyTorch's latency")
     p.add_argument("--export-onnx", default=d["export_onnx"], metavar="PATH",
                    help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime "
                    "if installed")
@@ -473,24 +477,11 @@ def evaluate_checkpoint(
             speed=speed["by_dtype"],
         )
 
-    onnx = optional_path(args.export_onnx)
-    if onnx is not None:
-        onnx_path = measure.export_onnx(model, input_hw, _per_checkpoint(onnx, several, file_label, ".onnx"))
-        print(f"{label}: exported {onnx_path}", file=sys.stderr, flush=True)
-        row["onnx_path"] = str(onnx_path)
-        if measure.onnxruntime_available():
-            row.update(
-                measure.onnx_latency(
-                    onnx_path, input_hw, runs=args.runs, warmup=args.warmup, use_cuda=device.type == "cuda"
-                )
-            )
-        else:
-            print(
-                f"{label}: onnxruntime is not installed, so the ONNX model is not timed "
-                "(pip install onnxruntime)",
-                file=sys.stderr,
-                flush=True,
-            )
+    onnx = _per_checkpoint(optional_path(args.export_onnx), several, file_label, ".onnx")
+    deployed = args.deployed_speed and not args.skip_speed and device.type == "cpu"
+    if onnx is not None or deployed:
+        row.update(deploy.deployed_fields(model, input_hw, label, export_path=onnx, runs=args.runs,
+                                          warmup=args.warmup, use_cuda=device.type == "cuda"))
 
     submission = optional_path(args.export_submission)
     if submission is not None:
@@ -517,6 +508,7 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, An
         "dtypes": measure.speed_dtypes(device, args.dtype),
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "deployed_speed": args.deployed_speed,
         "label_resolution": args.label_resolution,
         "tta_scales": list(measure.TTA_SCALES) if args.tta else None,
         "tta_flip": True if args.tta else None,
