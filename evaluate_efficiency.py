@@ -112,7 +112,7 @@ CHANNELS_LAST = True  # time in the channels_last memory format, as a deployment
 COMPILE = False  # time the model after torch.compile
 SAVE_PREDICTIONS = None  # folder for <city>_<seq>_<frame>_pred_labelIds.png (the official evaluation's input)
 SAVE_OVERLAYS = None  # folder for colour overlays of the predictions on the images
-DEPLOYED_SPEED = True  # on a CPU, also time onnxruntime on the ONNX export: ~2x PyTorch's speed (docs/deploy.md)
+DEPLOYED_SPEED = True  # on a CPU, also time onnxruntime on the ONNX export, the fastest path measured (docs/deploy.md)
 EXPORT_ONNX = None  # path of a BN-folded fp32 ONNX export (needs onnxscript), timed by onnxruntime
 EXPORT_SUBMISSION = None  # folder: per checkpoint, the grader's codalab.zip and a docker/ package (docs/deploy.md)
 

@@ -1,9 +1,10 @@
 """The deployed path: the BN-folded fp32 ONNX export and its onnxruntime latency, beside PyTorch's.
 
-On a CPU, onnxruntime runs this export about twice as fast as PyTorch runs the same BN-folded channels_last
-model (docs/deploy.md has the figures of ``benchmarks/bench_deploy.py``), so ``evaluate_efficiency.py`` times it
-by default and reports it beside PyTorch's latency. int8 quantization was measured there too; see that page for
-why it is not offered here.
+On a CPU, onnxruntime ran this export in 0.21× (2048×1024) and 0.14× (1024×512) the time PyTorch took for the
+same BN-folded channels_last model, at the same mIoU (``benchmarks/bench_deploy.py``, 2 threads on a loaded
+machine; docs/deploy.md), so ``evaluate_efficiency.py`` times it by default and reports it beside PyTorch's
+latency. int8 quantization was measured there too and gave no reliable gain over this fp32 path; that page says
+why it is not offered.
 """
 
 from __future__ import annotations
