@@ -3,8 +3,9 @@
 For each checkpoint: mIoU, per-class IoU, Dice and pixel accuracy on Cityscapes val (one confusion matrix,
 scored at full label resolution by default); parameters, MACs and FLOPs (= 2 × MACs) at the profile's input
 size; latency at batch 1 (median and p90), throughput at a larger batch and, on CUDA, peak memory, with
-BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The JSON also stores the settings of the
-run (device, threads, torch version, timed passes).
+BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16; on a CPU also the deployed path's latency,
+onnxruntime on the ONNX export (``ORT ms``, docs/deploy.md). The JSON also stores the settings of the run (device,
+threads, torch version, timed passes).
 
 Edit the constants below, or override any of them with the flag of the same name (``OUTPUT`` is
 ``--output``); evaluate_efficiency.sh holds no settings of its own, and the run prints (on stderr) every

@@ -186,15 +186,15 @@ the evaluation's, so the predictions score what evaluate_efficiency.py reported.
 import os
 import sys
 from pathlib import Path
+'''
 
+_PREDICT_MAIN = '''
 from model import Model, prepare_for_inference
 
 IMAGE_DIR = Path(os.environ.get("IMAGE_DIR", "/data"))
 OUTPUT_DIR = Path(os.environ.get("OUTPUT_DIR", "/output"))
 MODEL_PATH = Path(os.environ.get("MODEL_PATH", "/app/model.pt"))
-'''
 
-_PREDICT_MAIN = '''
 
 def main() -> int:
     if not MODEL_PATH.is_file():
