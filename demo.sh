@@ -18,6 +18,7 @@ EPOCHS=${EPOCHS:-6}
 BATCH_SIZE=${BATCH_SIZE:-8}
 NUM_WORKERS=${NUM_WORKERS:-2}
 TIMED_RUNS=${TIMED_RUNS:-50}
+DEPLOYED_SPEED=${DEPLOYED_SPEED:-deployed-speed}   # no-deployed-speed: skip the onnxruntime timing (its export)
 read -r -a STAGE_ARGS <<< "${STAGE_ARGS:-}"   # extra flags for every training stage
 TEACHER=${TEACHER:-demo_teacher}
 STUDENT=${STUDENT:-demo_student}
@@ -59,7 +60,7 @@ step "5/6 student, profile 2"
 
 step "6/6 accuracy, cost and speed of the four stages"
 mkdir -p "$RESULTS_DIR"
-"$PYTHON" evaluate_efficiency.py --data-dir "$DATA_DIR" --num-workers "$NUM_WORKERS" --runs "$TIMED_RUNS" \
+"$PYTHON" evaluate_efficiency.py --data-dir "$DATA_DIR" --num-workers "$NUM_WORKERS" --runs "$TIMED_RUNS" --"$DEPLOYED_SPEED" \
     --current-model-path "$OUTPUT_DIR/$TEACHER"/profile-*/best.pth "$OUTPUT_DIR/$STUDENT"/profile-*/best.pth \
     --output "$RESULTS_DIR/efficiency.json" --plots "$RESULTS_DIR"
 

@@ -3,8 +3,9 @@
 For each checkpoint: mIoU, per-class IoU, Dice and pixel accuracy on Cityscapes val (one confusion matrix,
 scored at full label resolution by default); parameters, MACs and FLOPs (= 2 × MACs) at the profile's input
 size; latency at batch 1 (median and p90), throughput at a larger batch and, on CUDA, peak memory, with
-BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16. The JSON also stores the settings of the
-run (device, threads, torch version, timed passes).
+BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16; on a CPU also the deployed path's latency,
+onnxruntime on the ONNX export (``ORT ms``, docs/deploy.md). The JSON also stores the settings of the run (device,
+threads, torch version, timed passes).
 
 Edit the constants below, or override any of them with the flag of the same name (``OUTPUT`` is
 ``--output``); evaluate_efficiency.sh holds no settings of its own, and the run prints (on stderr) every
@@ -60,8 +61,13 @@ ONNX export (needs ``pip install onnxscript``), timed with onnxruntime when it i
 
     python evaluate_efficiency.py --current-model-path best.pth --skip-accuracy --export-onnx results/fast_scnn.onnx
 
-With several checkpoints (or profiles), predictions go to one sub-folder per checkpoint and ONNX files get
-the checkpoint's name appended.
+Packages to submit or deploy, each running without this repo and scoring what the table says (a grader's zip
+and a Docker entry point; docs/deploy.md)::
+
+    python evaluate_efficiency.py --current-model-path best.pth --skip-speed --export-submission results/submit
+
+With several checkpoints (or profiles), predictions and packages go to one sub-folder per checkpoint and ONNX
+files get the checkpoint's name appended.
 """
 
 from __future__ import annotations
@@ -75,11 +81,12 @@ from typing import Any
 
 import torch
 
-from fastseg import measure, report
+from fastseg import deploy, measure, report
 from fastseg.cityscapes import Profile, get_profile
 from fastseg.config import report_overrides
 from fastseg.distributed import resolve_device
 from fastseg.errors import UserError, run_cli
+from fastseg.submission import export_submission
 
 # ---- what users edit ---------------------------------------------------------------------------------------
 CURRENT_MODEL_PATH = ("checkpoints/fast_scnn/profile-*/best.pth",)  # paths or globs: every stage of a run
@@ -106,7 +113,9 @@ CHANNELS_LAST = True  # time in the channels_last memory format, as a deployment
 COMPILE = False  # time the model after torch.compile
 SAVE_PREDICTIONS = None  # folder for <city>_<seq>_<frame>_pred_labelIds.png (the official evaluation's input)
 SAVE_OVERLAYS = None  # folder for colour overlays of the predictions on the images
+DEPLOYED_SPEED = True  # on a CPU, also time onnxruntime on the ONNX export, the fastest path measured (docs/deploy.md)
 EXPORT_ONNX = None  # path of a BN-folded fp32 ONNX export (needs onnxscript), timed by onnxruntime
+EXPORT_SUBMISSION = None  # folder: per checkpoint, the grader's codalab.zip and a docker/ package (docs/deploy.md)
 
 
 def constants() -> dict[str, Any]:
@@ -159,9 +168,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one <city>_<seq>_<frame>_pred_labelIds.png (Cityscapes label ids) per val image")
     p.add_argument("--save-overlays", default=d["save_overlays"], metavar="DIR",
                    help="colour overlays of the predictions on the images (kept apart from the label-id PNGs)")
+    p.add_argument("--deployed-speed", action=argparse.BooleanOptionalAction, default=d["deployed_speed"],
+                   help="on a CPU, also time the deployed path: onnxruntime on the BN-folded ONNX export (needs "
+                   "onnxscript and onnxruntime), shown beside PyTorch's latency")
     p.add_argument("--export-onnx", default=d["export_onnx"], metavar="PATH",
                    help="export the BN-folded fp32 model to ONNX (needs onnxscript); timed by onnxruntime "
                    "if installed")
+    p.add_argument("--export-submission", default=d["export_submission"], metavar="DIR",
+                   help="write DIR/<checkpoint>/codalab.zip (model.py, model.pth, process_data.py) and "
+                   "DIR/<checkpoint>/docker/ (Dockerfile, predict.py, ...): packages that run without this repo, "
+                   "with the evaluation's pre- and post-processing (docs/deploy.md)")
     args = p.parse_args(argv)
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -176,6 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.skip_accuracy and (optional_path(args.save_predictions) or optional_path(args.save_overlays)):
         raise UserError("--save-predictions/--save-overlays: need the val pass; drop --skip-accuracy")
     requested_profiles(args.profile)  # a bad --profile ends here
+    submission = optional_path(args.export_submission)
+    if submission is not None and submission.exists() and not submission.is_dir():
+        raise UserError(f"--export-submission: {submission} is a file; give a folder (it is created if missing)")
     if args.compare is not None:
         if args.skip_accuracy:
             raise UserError("--compare: compares accuracy; drop --skip-accuracy")
@@ -459,24 +478,17 @@ def evaluate_checkpoint(
             speed=speed["by_dtype"],
         )
 
-    onnx = optional_path(args.export_onnx)
-    if onnx is not None:
-        onnx_path = measure.export_onnx(model, input_hw, _per_checkpoint(onnx, several, file_label, ".onnx"))
-        print(f"{label}: exported {onnx_path}", file=sys.stderr, flush=True)
-        row["onnx_path"] = str(onnx_path)
-        if measure.onnxruntime_available():
-            row.update(
-                measure.onnx_latency(
-                    onnx_path, input_hw, runs=args.runs, warmup=args.warmup, use_cuda=device.type == "cuda"
-                )
-            )
-        else:
-            print(
-                f"{label}: onnxruntime is not installed, so the ONNX model is not timed "
-                "(pip install onnxruntime)",
-                file=sys.stderr,
-                flush=True,
-            )
+    onnx = _per_checkpoint(optional_path(args.export_onnx), several, file_label, ".onnx")
+    deployed = args.deployed_speed and not args.skip_speed and device.type == "cpu"
+    if onnx is not None or deployed:
+        row.update(deploy.deployed_fields(model, input_hw, label, export_path=onnx, runs=args.runs,
+                                          warmup=args.warmup, use_cuda=device.type == "cuda"))
+
+    submission = optional_path(args.export_submission)
+    if submission is not None:
+        package = export_submission(model, config, profile, submission / report.slug(file_label))
+        print(f"{label}: submission packages in {package} (codalab.zip, docker/)", file=sys.stderr, flush=True)
+        row["submission_dir"] = str(package)
 
     row.update(measure.efficiency_scores(row))
     del model
@@ -497,6 +509,7 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, An
         "dtypes": measure.speed_dtypes(device, args.dtype),
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "deployed_speed": args.deployed_speed,
         "label_resolution": args.label_resolution,
         "tta_scales": list(measure.TTA_SCALES) if args.tta else None,
         "tta_flip": True if args.tta else None,

@@ -6,8 +6,9 @@
 - cost: parameters, MACs and FLOPs (:func:`cost_fields`; the counts come from :mod:`fastseg.flops`,
   FLOPs are 2 × MACs) and accuracy per GFLOP (:func:`efficiency_scores`);
 - speed: latency at batch 1, throughput at a larger batch and, on CUDA, peak memory, per dtype, on a copy
-  of the model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`), and ONNX export
-  with onnxruntime latency (:func:`export_onnx`, :func:`onnx_latency`).
+  of the model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`).
+
+The ONNX export and the deployed path's latency are :mod:`fastseg.deploy`'s.
 
 The table, JSON and plots that compare checkpoints are :mod:`fastseg.report`'s.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,17 +30,12 @@ from torch import nn
 
 from fast_scnn import FastSCNN, fold_batchnorm
 from fastseg.augment import prepare_batch
-from fastseg.checkpoint import atomic_path, atomic_write
+from fastseg.checkpoint import atomic_write
 from fastseg.cityscapes import TRAIN_ID_TO_ID, colorize
 from fastseg.engine import autocast_context, evaluate, main_logits, upsample_logits
-from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# The lowest opset the torch.export-based ONNX exporter writes without converting its graph afterwards.
-ONNX_OPSET = 18
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -406,90 +401,3 @@ def benchmark_speed(
         "compiled": compile_model,
         "by_dtype": by_dtype,
     }
-
-
-def onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.PathLike) -> Path:
-    """Export a BN-folded fp32 copy of ``model`` for a 1×3×H×W input; the file is replaced atomically.
-
-    The torch.export-based exporter (``dynamo=True``) is used: it exports Fast-SCNN's pyramid pooling at
-    every input size, whereas the older TorchScript exporter refuses adaptive pooling to bins that do not
-    divide the feature map (6 bins on the 9×18 map of profile 1). It needs ``onnxscript``.
-    """
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise UserError(
-            "--export-onnx: the ONNX exporter needs onnxscript, which is not installed; "
-            "`pip install onnxscript` (it is in requirements-dev.txt) or drop --export-onnx"
-        ) from exc
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prepared, _ = prepare_for_speed(model, fold_bn=True, channels_last=False)
-    prepared = prepared.float().cpu()
-    example = torch.randn(1, 3, *input_hw)
-    with atomic_path(path, suffix=".onnx") as tmp:
-        torch.onnx.export(
-            _LogitsOnly(prepared).eval(),
-            (example,),
-            tmp,
-            input_names=["image"],
-            output_names=["logits"],
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            external_data=False,  # one self-contained file: Fast-SCNN's weights are a few MB
-            verbose=False,
-        )
-    return path
-
-
-class _LogitsOnly(nn.Module):
-    """Export wrapper so that the graph has a single ``logits`` output whatever the model returns."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return main_logits(self.model(x))
-
-
-def onnx_latency(
-    path: str | os.PathLike,
-    input_hw: tuple[int, int],
-    *,
-    runs: int = 50,
-    warmup: int = 10,
-    use_cuda: bool = False,
-) -> dict[str, Any]:
-    """onnxruntime latency at batch 1 (median, p90) with the CUDA provider when asked and present."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise UserError(
-            "--export-onnx: onnxruntime is not installed, so the exported model cannot be timed; "
-            "`pip install onnxruntime` (or onnxruntime-gpu) to time it"
-        ) from exc
-    providers = ["CPUExecutionProvider"]
-    if use_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
-    feed = {
-        session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, *input_hw), np.float32)
-    }
-    times = _timed_runs(lambda: session.run(None, feed), runs, warmup, torch.device("cpu"))
-    return {
-        "onnx_path": str(path),
-        "onnx_provider": session.get_providers()[0],
-        "onnx_latency_ms": _percentile(times, 50),
-        "onnx_latency_p90_ms": _percentile(times, 90),
-    }
-
-

@@ -185,7 +185,8 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     """One row per checkpoint; accuracy in percent, cost in millions and GMACs.
 
     The test-time-augmented mIoU and the last epoch's mIoU (with the epochs of both checkpoints) get their
-    columns, after the mIoU, when some row has them.
+    columns, after the mIoU, when some row has them; so does the deployed path's latency (``ORT ms``), after
+    PyTorch's.
     """
     extra: list[tuple[str, Any]] = []
     if any(row.get("miou_tta") is not None for row in results):
@@ -193,7 +194,10 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     if any(row.get("miou_last") is not None for row in results):
         extra.append(("mIoU last %", lambda row: _fmt(row.get("miou_last"), ".2f", 100)))
         extra.append(("epoch best/last", _epochs))
+    deployed = any(row.get("onnx_latency_ms") is not None for row in results)
     columns = [*MARKDOWN_COLUMNS[:4], *(name for name, _ in extra), *MARKDOWN_COLUMNS[4:]]
+    if deployed:  # the deployed path's latency (onnxruntime, fastseg.deploy) beside PyTorch's
+        columns.insert(columns.index("latency ms") + 1, "ORT ms")
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
@@ -210,6 +214,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             _fmt(row.get("params"), ".3f", 1e-6),
             _fmt(row.get("macs"), ".3f", 1e-9),
             _fmt(row.get("latency_ms"), ".2f"),
+            *([_fmt(row.get("onnx_latency_ms"), ".2f")] if deployed else []),
             _fmt(row.get("fps"), ".1f"),
             _fmt(row.get("dice_per_gflop"), ".4f"),
             _fmt(row.get("miou_per_gflop"), ".4f"),

@@ -19,6 +19,7 @@ def test_demo_runs_every_step_and_reports_four_stages(tmp_path):
         "RESULTS_DIR": str(tmp_path / "results"),
         "TRAIN_IMAGES": "8", "VAL_IMAGES": "2", "IMAGE_SIZE": "128x64",
         "EPOCHS": "1", "BATCH_SIZE": "4", "NUM_WORKERS": "0", "TIMED_RUNS": "3",
+        "DEPLOYED_SPEED": "no-deployed-speed",  # (each ONNX export takes seconds; tests/test_efficiency.py times one)
         "STAGE_ARGS": "--resize 128x64 --patch 96x48 --device cpu",
         "WANDB": "disabled",
     }

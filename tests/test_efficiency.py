@@ -22,7 +22,7 @@ from torch import nn
 
 import evaluate_efficiency
 import train
-from fastseg import measure
+from fastseg import deploy, measure
 from fastseg.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
@@ -40,7 +40,8 @@ from fastseg.report import (
 
 # The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
 TINY_RESIZE = [128, 64]
-QUICK_SPEED = ["--runs", "3", "--warmup", "1", "--throughput-batch", "2"]
+# (The deployed path's export takes seconds: one test times it, the others leave it out.)
+QUICK_SPEED = ["--runs", "3", "--warmup", "1", "--throughput-batch", "2", "--no-deployed-speed"]
 
 
 def _fast_scnn(seed: int) -> nn.Module:
@@ -224,30 +225,24 @@ def test_macs_match_the_published_thop_figure_and_plain_state_dicts_need_a_profi
     assert "| plain.pth | 1 | 288×576 |" in out
 
 
-def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
+def test_onnx_export_matches_pytorch_and_its_latency_stands_beside_pytorchs(checkpoints, tmp_path, capsys):
     # At 64×128 the pyramid pooling's 6×6 bins do not divide its 2×4 map: the hardest case for an exporter.
     import onnx
     import onnxruntime as ort
     import onnxscript  # noqa: F401  (the exporter needs it; requirements-dev.txt installs it)
 
     path = tmp_path / "model.onnx"
-    report, _ = _run(
+    report, out = _run(
         capsys,
         *("--current-model-path", str(checkpoints / "baseline/profile-1/best.pth"), "--skip-accuracy"),
-        *(
-            "--skip-speed",
-            "--export-onnx",
-            str(path),
-            "--runs",
-            "2",
-            "--warmup",
-            "1",
-            "--output",
-            str(tmp_path / "r.json"),
-        ),
+        *("--export-onnx", str(path), "--runs", "2", "--warmup", "1", "--throughput-batch", "2"),
+        *("--output", str(tmp_path / "r.json")),
     )
     (row,) = report["results"]
-    assert row["onnx_path"] == str(path) and row["onnx_latency_ms"] > 0
+    assert row["onnx_path"] == str(path) and row["onnx_latency_ms"] > 0 and row["latency_ms"] > 0
+    header = out.splitlines()[0].split(" | ")
+    assert header[header.index("latency ms") + 1] == "ORT ms"  # the deployed path beside PyTorch
+    assert f"| {row['latency_ms']:.2f} | {row['onnx_latency_ms']:.2f} |" in out
     onnx.checker.check_model(str(path), full_check=True)  # a valid ONNX file, not only one onnxruntime reads
     x = torch.randn(1, 3, 64, 128)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -260,7 +255,7 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, capsys):
 def test_onnx_export_without_onnxscript_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
     with pytest.raises(UserError, match="--export-onnx: .*pip install onnxscript"):
-        measure.export_onnx(_fast_scnn(0), (64, 128), tmp_path / "model.onnx")
+        deploy.export_onnx(_fast_scnn(0), (64, 128), tmp_path / "model.onnx")
     assert not list(tmp_path.iterdir())
 
 
@@ -419,7 +414,8 @@ def test_edited_constants_reach_evaluate_efficiency_sh(checkpoints, tmp_path):
     project = edited_project(tmp_path, "evaluate_efficiency.py", edits)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(
-        ["bash", "evaluate_efficiency.sh", "--device", "cpu", "--runs", "2", "--warmup", "0", "--skip-accuracy"],
+        ["bash", "evaluate_efficiency.sh", "--device", "cpu", "--runs", "2", "--warmup", "0", "--skip-accuracy",
+         "--no-deployed-speed"],
         cwd=project, env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
