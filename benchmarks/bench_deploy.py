@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastseg.augment import prepare_batch  # noqa: E402
-from fastseg.checkpoint import load_model  # noqa: E402
+from fastseg.models import load_model  # noqa: E402
 from fastseg.cityscapes import list_samples, load_sample, read_label  # noqa: E402
 from fastseg.deploy import export_onnx  # noqa: E402
 from fastseg.engine import main_logits, upsample_logits  # noqa: E402
