@@ -37,13 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastseg.augment import prepare_batch  # noqa: E402
-from fastseg.models import load_model  # noqa: E402
 from fastseg.cityscapes import list_samples, load_sample, read_label  # noqa: E402
 from fastseg.deploy import export_onnx  # noqa: E402
 from fastseg.engine import main_logits, upsample_logits  # noqa: E402
 from fastseg.errors import UserError, run_cli  # noqa: E402
 from fastseg.measure import prepare_for_speed  # noqa: E402
 from fastseg.metrics import ConfusionMatrix  # noqa: E402
+from fastseg.models import load_model  # noqa: E402
 
 GOAL_SPEEDUP = 0.25  # a deployed path pays at <= this fraction of the BN-folded channels_last latency ...
 GOAL_MIOU_POINTS = 1.0  # ... with mIoU within this many points of fp32
