@@ -48,15 +48,13 @@ RECIPES = {  # name in the results -> train.py flags
 
 
 def plan(args) -> list[dict]:
-    """Every run: the recipes first, then the schedules; seed-major within each, so a partial benchmark
-    already has one seed of everything."""
+    """Every run, seed-major: a partial benchmark already has whole seeds of everything."""
     baseline_epochs = round(sum(args.epochs_stage * PATCH_PIXELS[k] for k in (1, 2, 3)) / PATCH_PIXELS[3])
     runs = []
     for seed in SEEDS:
         for recipe in RECIPES:
             runs.append({"name": f"{recipe}-s{seed}", "recipe": recipe, "seed": seed, "schedule": "single",
                          "stages": [(1, args.epochs_recipe)]})
-    for seed in SEEDS:
         for recipe in args.schedule_recipes:
             runs.append({"name": f"{recipe}-curriculum-s{seed}", "recipe": recipe, "seed": seed,
                          "schedule": "curriculum", "stages": [(k, args.epochs_stage) for k in (1, 2, 3)]})
