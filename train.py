@@ -86,7 +86,11 @@ LABEL_RESOLUTION = "full"  # validate at the labels' full size (Cityscapes conve
 OUTPUT_DIR = "checkpoints"
 RESUME = "auto"  # continue from this stage's last.pth when it exists (a requeued Slurm job)
 DEVICE = "auto"
-AMP = "auto"  # bf16 on GPUs that support it, else fp16; off on the CPU
+AMP = "auto"  # bf16 on GPUs of compute capability 8.0+ (A100, H100), else fp16 with a GradScaler; off on the CPU
+# Off: at the recipes' 16 images per GPU every BatchNorm sees >= 16 values per channel, even the pyramid's 1x1 bin
+# (one per image), as in the published setups (paper: batch 12; mmsegmentation: 4 per GPU synced over 8 = 32),
+# and SyncBatchNorm adds a blocking all-reduce per BatchNorm layer per step. On when the per-GPU batch is below 8.
+SYNC_BN = False
 COMPILE = False
 WANDB = "auto"  # online with WANDB_API_KEY (environment or .env), else offline; never a login prompt
 WANDB_PROJECT = "fast-scnn-cityscapes"
@@ -216,6 +220,7 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
                                               for k, v in filled.items()))
     profile = stage_profile(args.profile, args.resize, args.patch)
     out = stage_dir(args.output_dir, args.experiment_id, args.profile)
+    say(distributed.torch_build(), flush=True)  # which PyTorch ran: a cluster's container may hold another
     if device.type == "cpu":
         say("note: no GPU in use; training on the CPU (fine for the demo and tests, slow for Cityscapes)")
     else:
@@ -250,6 +255,10 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
             load_previous_stage(model, previous, args.arch, args.profile, previous_flag)
             say(f"loaded weights from {previous}")
     model.to(device)
+    if args.sync_bn:
+        model, converted = distributed.sync_batchnorm(model, device, info.world_size)
+        say(f"--sync-bn: {converted} BatchNorm layers are SyncBatchNorm"
+            + ("" if info.distributed else " (one process: they compute as BatchNorm)"))
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     objective, objective_config = make_objective(args, device, model)
@@ -307,7 +316,9 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
 
     # The run's configuration: every setting, plus what was resolved from them. Fixed from here on.
     config = {**vars(args), **objective_config, "resize": list(profile.resize), "patch": list(profile.patch),
-              "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size}
+              "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size,
+              "torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
+              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else None}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
