@@ -6,7 +6,8 @@
 - cost: parameters, MACs and FLOPs (:func:`cost_fields`; the counts come from :mod:`fastseg.flops`,
   FLOPs are 2 × MACs) and accuracy per GFLOP (:func:`efficiency_scores`);
 - speed: latency at batch 1, throughput at a larger batch and, on CUDA, peak memory, per dtype, on a copy
-  of the model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`), and ONNX export
+  of the model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`): BatchNorm
+  folded, channels_last, converted to the dtype timed (fp32 with TF32 off); and ONNX export
   with onnxruntime latency (:func:`export_onnx`, :func:`onnx_latency`).
 
 The table, JSON and plots that compare checkpoints are :mod:`fastseg.report`'s.
@@ -14,7 +15,9 @@ The table, JSON and plots that compare checkpoints are :mod:`fastseg.report`'s.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
 import os
 import time
@@ -32,7 +35,7 @@ from fast_scnn import FastSCNN, fold_batchnorm
 from fastseg.augment import prepare_batch
 from fastseg.checkpoint import atomic_path, atomic_write
 from fastseg.cityscapes import TRAIN_ID_TO_ID, colorize
-from fastseg.engine import autocast_context, evaluate, main_logits, upsample_logits
+from fastseg.engine import evaluate, main_logits, native_bf16, upsample_logits
 from fastseg.errors import UserError
 from fastseg.metrics import ConfusionMatrix
 
@@ -288,6 +291,21 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for cuDNN convolutions and CUDA matmuls while "fp32" is timed; the earlier settings after.
+
+    PyTorch lets cuDNN use TF32 by default on Ampere and later (10-bit mantissa), so "fp32" timed under the
+    defaults would be TF32's figure. Both flags are plain settings, harmless on a CPU.
+    """
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def measure_speed(
     model: nn.Module,
     input_hw: tuple[int, int],
@@ -301,7 +319,9 @@ def measure_speed(
     channels_last: bool = True,
 ) -> dict[str, Any]:
     """Latency at batch 1 (median, p90, mean, min over ``runs``), throughput at ``throughput_batch`` and
-    (on CUDA) the peak memory of batch-1 inference, for a model prepared by :func:`prepare_for_speed`.
+    (on CUDA) the peak memory of batch-1 inference, for a model prepared by :func:`prepare_for_speed` and
+    already in ``dtype`` (:func:`benchmark_speed` converts it): the input is made in that dtype, no autocast.
+    fp32 is timed with TF32 off (:func:`exact_fp32`).
     """
     if runs < 1 or warmup < 0 or throughput_batch < 1:
         raise ValueError("runs and throughput_batch must be positive, warmup non-negative")
@@ -312,14 +332,12 @@ def measure_speed(
     def make_input(batch: int) -> torch.Tensor:
         # Random normalised images: a segmentation network's cost does not depend on pixel values.
         x = torch.randn(batch, 3, height, width, generator=generator)
-        return x.to(device).contiguous(memory_format=memory_format)
+        return x.to(device, DTYPES[dtype]).contiguous(memory_format=memory_format)
 
     single = make_input(1)
 
-    amp_dtype = None if dtype == "fp32" else DTYPES[dtype]
-
     def forward(x: torch.Tensor) -> Any:
-        with torch.inference_mode(), autocast_context(device, amp_dtype):
+        with torch.inference_mode():
             return model(x)
 
     def timed(x: torch.Tensor, n: int, n_warmup: int) -> tuple[list[float], float | None]:
@@ -330,12 +348,16 @@ def measure_speed(
         times = _timed_runs(lambda: forward(x), n, 0, device)
         return times, _peak_memory_mb(device)
 
-    latencies, memory = timed(single, runs, warmup)
-    throughput_runs = throughput_runs or max(5, runs // 5)
-    batch_times, batch_memory = timed(make_input(throughput_batch), throughput_runs, min(warmup, 3))
+    with exact_fp32() if dtype == "fp32" else contextlib.nullcontext():
+        latencies, memory = timed(single, runs, warmup)
+        throughput_runs = throughput_runs or max(5, runs // 5)
+        batch_times, batch_memory = timed(make_input(throughput_batch), throughput_runs, min(warmup, 3))
     median_batch_s = _percentile(batch_times, 50) / 1e3
     return {
         "dtype": dtype,
+        # How the dtype was run: weights and input in it (no autocast), and for fp32 without TF32.
+        "weights_dtype": dtype,
+        "tf32": False if dtype == "fp32" else None,
         "latency_ms": _percentile(latencies, 50),
         "latency_p90_ms": _percentile(latencies, 90),
         "latency_mean_ms": float(np.mean(latencies)),
@@ -353,11 +375,12 @@ def measure_speed(
 
 
 def speed_dtypes(device: torch.device, primary: str = "fp32") -> list[str]:
-    """fp32 everywhere; on CUDA also fp16 and (where supported) bf16 under autocast."""
+    """fp32 everywhere; on CUDA also fp16 and, where the GPU computes it natively (the rule of ``--amp auto``),
+    bf16."""
     names = ["fp32"]
     if device.type == "cuda":
         names.append("fp16")
-        if torch.cuda.is_bf16_supported():
+        if native_bf16(device):
             names.append("bf16")
     if primary not in names:
         names.append(primary)
@@ -379,16 +402,19 @@ def benchmark_speed(
 ) -> dict[str, Any]:
     """Prepare a deployable copy of ``model`` and time it in each dtype.
 
+    fp16 and bf16 are timed on a copy converted to that dtype (BatchNorm folded first, in fp32), as a
+    deployment runs it, not as autocast over fp32 weights, which casts every weight on every call.
     Returns ``{"bn_folded": bool, "channels_last": bool, "compiled": bool, "by_dtype": {dtype: speed}}``.
     """
     prepared, folded = prepare_for_speed(model, fold_bn=fold_bn, channels_last=channels_last)
     prepared = prepared.to(device)
-    if compile_model:
-        prepared = torch.compile(prepared)
     by_dtype = {}
     for dtype in dtypes:
+        converted = prepared if dtype == "fp32" else copy.deepcopy(prepared).to(DTYPES[dtype])
+        if compile_model:
+            converted = torch.compile(converted)
         by_dtype[dtype] = measure_speed(
-            prepared,
+            converted,
             input_hw,
             device,
             dtype=dtype,
@@ -397,6 +423,7 @@ def benchmark_speed(
             throughput_batch=throughput_batch,
             channels_last=channels_last,
         )
+        del converted
     del prepared
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -423,6 +450,10 @@ def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.Path
     every input size, whereas the older TorchScript exporter refuses adaptive pooling to bins that do not
     divide the feature map (6 bins on the 9×18 map of profile 1). It needs ``onnxscript``.
     """
+    missing = onnx_exporter_missing(torch.onnx.export)
+    if missing:
+        raise UserError(f"--export-onnx: needs PyTorch 2.5 or newer (this is torch {torch.__version__}, whose "
+                        f"torch.onnx.export has no {missing}); install torch>=2.5 or drop --export-onnx")
     try:
         import onnxscript  # noqa: F401
     except ImportError as exc:
@@ -448,6 +479,18 @@ def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.Path
             verbose=False,
         )
     return path
+
+
+def onnx_exporter_missing(export: Callable) -> str | None:
+    """The keyword arguments of :func:`export_onnx` that ``export`` (``torch.onnx.export``) lacks, or None.
+
+    ``dynamo`` and ``external_data`` came with PyTorch 2.5; 2.4's exporter fails on them with a TypeError.
+    """
+    parameters = inspect.signature(export).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    missing = [name for name in ("dynamo", "external_data") if name not in parameters]
+    return " or ".join(f"'{name}' argument" for name in missing) or None
 
 
 class _LogitsOnly(nn.Module):
