@@ -317,7 +317,8 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     # The run's configuration: every setting, plus what was resolved from them. Fixed from here on.
     config = {**vars(args), **objective_config, "resize": list(profile.resize), "patch": list(profile.patch),
               "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size,
-              "torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
+              # str(): PyTorch 2.5's torch.load(weights_only=True) refuses its own TorchVersion type.
+              "torch_version": str(torch.__version__), "torch_cuda": torch.version.cuda,
               "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else None}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
