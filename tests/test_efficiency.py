@@ -197,6 +197,7 @@ def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, cap
     settings = report["settings"]
     assert settings["runs"] == 3 and settings["throughput_batch"] == 2
     assert settings["torch"] == torch.__version__ and settings["dtypes"] == ["fp32"]
+    assert settings["torch_cuda"] == torch.version.cuda and settings["driver"] is None  # CPU: no driver asked
 
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
