@@ -3,9 +3,10 @@
 For each checkpoint: mIoU, per-class IoU, Dice and pixel accuracy on Cityscapes val (one confusion matrix,
 scored at full label resolution by default); parameters, MACs and FLOPs (= 2 × MACs) at the profile's input
 size; latency at batch 1 (median and p90), throughput at a larger batch and, on CUDA, peak memory, with
-BatchNorm folded and channels_last, in fp32 and, on CUDA, fp16/bf16; on a CPU also the deployed path's latency,
-onnxruntime on the ONNX export (``ORT ms``, docs/deploy.md). The JSON also stores the settings of the run (device,
-threads, torch version, timed passes).
+BatchNorm folded and channels_last, in fp32 (TF32 off) and, on CUDA, fp16 and (compute capability 8.0 and up)
+bf16, each on a copy of the model converted to that dtype; on a CPU also the deployed path's latency,
+onnxruntime on the ONNX export (``ORT ms``, docs/deploy.md). The JSON also stores the settings of the run
+(device, threads, torch version, timed passes).
 
 Edit the constants below, or override any of them with the flag of the same name (``OUTPUT`` is
 ``--output``); evaluate_efficiency.sh holds no settings of its own, and the run prints (on stderr) every
@@ -84,7 +85,7 @@ import torch
 from fastseg import deploy, measure, report
 from fastseg.cityscapes import Profile, get_profile
 from fastseg.config import report_overrides
-from fastseg.distributed import resolve_device
+from fastseg.distributed import nvidia_driver, resolve_device
 from fastseg.errors import UserError, run_cli
 from fastseg.submission import export_submission
 
@@ -108,7 +109,7 @@ SKIP_SPEED = False  # no timing
 RUNS = 50  # timed passes: at least 50 so that the p90 latency rests on a handful of samples, not one
 WARMUP = 10  # untimed passes first: they pay for cuDNN autotuning, allocator growth, lazy initialisation
 THROUGHPUT_BATCH = None  # batch for images/s; None = 32 on CUDA (fills a GPU at small profiles), 4 on a CPU
-DTYPE = "fp32"  # precision shown in the table; on CUDA fp32, fp16 and bf16 are all timed and stored
+DTYPE = "fp32"  # precision shown in the table; on CUDA fp32, fp16 and (capability 8.0+) bf16 are timed and stored
 CHANNELS_LAST = True  # time in the channels_last memory format, as a deployment would
 COMPILE = False  # time the model after torch.compile
 SAVE_PREDICTIONS = None  # folder for <city>_<seq>_<frame>_pred_labelIds.png (the official evaluation's input)
@@ -502,7 +503,11 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name,
         "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
+        "torch_cuda": torch.version.cuda,
+        "driver": nvidia_driver() if cuda else None,
+        # How each dtype was timed: weights and input in it (no autocast), BN folded for Fast-SCNN; fp32 no TF32.
+        "speed_method": "converted weights, fp32 without TF32",
         "runs": args.runs,
         "warmup": args.warmup,
         "throughput_batch": args.throughput_batch,

@@ -95,7 +95,11 @@ LABEL_RESOLUTION = "full"  # validate at the labels' full size (Cityscapes conve
 OUTPUT_DIR = "checkpoints"
 RESUME = "auto"  # continue from this stage's last.pth when it exists (a requeued Slurm job)
 DEVICE = "auto"
-AMP = "auto"  # bf16 on GPUs that support it, else fp16; off on the CPU
+AMP = "auto"  # bf16 on GPUs of compute capability 8.0+ (A100, H100), else fp16 with a GradScaler; off on the CPU
+# Off: at the recipes' 16 images per GPU every BatchNorm sees >= 16 values per channel, even the pyramid's 1x1 bin
+# (one per image), as in the published setups (paper: batch 12; mmsegmentation: 4 per GPU synced over 8 = 32),
+# and SyncBatchNorm adds a blocking all-reduce per BatchNorm layer per step. On when the per-GPU batch is below 8.
+SYNC_BN = False
 COMPILE = False
 WANDB = "auto"  # online with WANDB_API_KEY (environment or .env), else offline; never a login prompt
 WANDB_PROJECT = "fast-scnn-cityscapes"
@@ -225,6 +229,7 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
                                               for k, v in filled.items()))
     profile = stage_profile(args.profile, args.resize, args.patch)
     out = stage_dir(args.output_dir, args.experiment_id, args.profile)
+    say(distributed.torch_build(), flush=True)  # which PyTorch ran: a cluster's container may hold another
     if info.is_main:  # a directory that cannot be written fails now, not after the whole set-up
         make_stage_dir(out, args.output_dir)
     if device.type == "cpu":
@@ -269,6 +274,10 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
             load_previous_stage(model, previous, args.arch, args.profile, previous_flag)
             say(f"loaded weights from {previous}")
     model.to(device)
+    if args.sync_bn:
+        model, converted = distributed.sync_batchnorm(model, device, info.world_size)
+        say(f"--sync-bn: {converted} BatchNorm layers are SyncBatchNorm"
+            + ("" if info.distributed else " (one process: they compute as BatchNorm)"))
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     objective, objective_config = make_objective(args, device, model)
@@ -329,7 +338,10 @@ def run(args, make_objective, previous_flag, device, info, stop: StopFlag) -> in
     # The run's configuration: every setting, plus what was resolved from them. Fixed from here on.
     config = {**vars(args), **objective_config, "resize": list(profile.resize), "patch": list(profile.patch),
               "previous_model_loaded": str(previous) if previous else None, "world_size": info.world_size,
-              "global_batch": args.batch_size * info.world_size, "decay_epochs": list(decay)}
+              "global_batch": args.batch_size * info.world_size, "decay_epochs": list(decay),
+              # str(): PyTorch 2.5's torch.load(weights_only=True) refuses its own TorchVersion type.
+              "torch_version": str(torch.__version__), "torch_cuda": torch.version.cuda,
+              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else None}
     if checkpoint is not None:  # where the stage came from, and what changed at each resume
         config, notes = carry_on_resume(checkpoint["config"], config, start_epoch)
         for note in notes:

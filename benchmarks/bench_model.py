@@ -1,6 +1,6 @@
 """Forward latency and MACs of a model at the five curriculum resolutions, on this machine.
 
-    python -m benchmarks.bench_model                          # Fast-SCNN, CUDA (fp16 autocast) if present, else CPU
+    python -m benchmarks.bench_model                          # Fast-SCNN, CUDA (fp16 weights) if present, else CPU
     python -m benchmarks.bench_model --arch lraspp_mobilenet_v3_large --runs 50
     python -m benchmarks.bench_model --fold-bn --channels-last --batch-size 4
 
@@ -23,11 +23,11 @@ from fastseg.flops import count_macs, count_params
 from fastseg.models import ARCHS, build_model
 
 
-def time_forward(model, x: torch.Tensor, runs: int, warmup: int, amp: bool) -> list[float]:
+def time_forward(model, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
     """Seconds per forward pass, ``runs`` of them."""
     cuda = x.device.type == "cuda"
     times = []
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+    with torch.inference_mode():
         for i in range(warmup + runs):
             if cuda:
                 torch.cuda.synchronize()
@@ -54,7 +54,7 @@ def main() -> None:
         "--fold-bn", action="store_true", help="fold BatchNorm into the convs (Fast-SCNN only)"
     )
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--no-amp", action="store_true", help="time CUDA in fp32 instead of fp16 autocast")
+    parser.add_argument("--no-amp", action="store_true", help="time CUDA in fp32 (TF32 off) instead of fp16")
     args = parser.parse_args()
 
     if args.device == "auto":
@@ -68,17 +68,21 @@ def main() -> None:
     amp = cuda and not args.no_amp
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes per profile: let cuDNN pick its fastest kernels
+        # "fp32" means fp32: cuDNN would otherwise use TF32 on Ampere and later.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     model = build_model(args.arch).eval()
     if args.fold_bn:
         model = fold_batchnorm(model)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    # fp16 as a deployment runs it: weights and input converted, no autocast casting weights on every call.
+    dtype = torch.float16 if amp else torch.float32
+    model = model.to(device, dtype, memory_format=memory_format)
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.arch}: {count_params(model):,} parameters on {name}")
     print(
-        f"batch {args.batch_size}, {'fp16 autocast' if amp else 'fp32'}, "
+        f"batch {args.batch_size}, {'fp16 weights and input' if amp else 'fp32 (no TF32)'}, "
         f"{'channels_last' if args.channels_last else 'contiguous'}, "
         f"{'BN folded, ' if args.fold_bn else ''}median of {runs} runs after {warmup} warm-up"
     )
@@ -86,8 +90,9 @@ def main() -> None:
     print(f"{'profile':>7}  {'W×H':>10}  {'GMACs':>7}  {'ms/batch':>9}  {'images/s':>9}")
     for index in args.profiles:
         width, height = PROFILES[index].resize
-        x = torch.randn(args.batch_size, 3, height, width, device=device).to(memory_format=memory_format)
-        seconds = statistics.median(time_forward(model, x, runs, warmup, amp))
+        x = torch.randn(args.batch_size, 3, height, width, device=device, dtype=dtype)
+        x = x.to(memory_format=memory_format)
+        seconds = statistics.median(time_forward(model, x, runs, warmup))
         macs = count_macs(model, (height, width))
         print(
             f"{index:>7}  {f'{width}×{height}':>10}  {macs / 1e9:7.3f}  {seconds * 1e3:9.2f}"

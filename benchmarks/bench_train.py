@@ -3,11 +3,13 @@
 Batches are random uint8 crops of each profile's patch size, put through ``train.py``'s own
 ``train_one_epoch`` (jitter, normalisation, AMP, the stop/NaN check every ``--check-every`` steps), so the
 figure is the model's pace without the loader (``benchmarks/bench_data.py`` measures the loader). On CUDA it
-uses AMP (bf16 where supported) and channels_last, as the trainer does. Under torchrun every process trains
+uses AMP (``--amp auto``'s choice: bf16 from compute capability 8.0, else fp16 with a GradScaler) and
+channels_last, as the trainer does, and reports the peak memory PyTorch's allocator held during the timed steps. Under torchrun every process trains
 its own batches through DistributedDataParallel and the figure is the sum over processes.
 
     python -m benchmarks.bench_train                         # every profile, CPU or GPU
     python -m benchmarks.bench_train --profiles 1 2 --batch-size 8 --steps 10
+    python -m benchmarks.bench_train --profiles 1 5 --batch-size 16 --steps 186   # one Cityscapes epoch (2975 images)
     python -m benchmarks.bench_train --distill                # with a frozen teacher's forward, as train_distillation.py
     torchrun --nproc-per-node 2 -m benchmarks.bench_train --profiles 1 --check-every 1   # agree every step
 """
@@ -38,7 +40,8 @@ def random_batches(n: int, batch_size: int, patch_hw: tuple[int, int], seed: int
     return [(images, labels, torch.arange(batch_size))] * n
 
 
-def measure(profile: int, args, device: torch.device, info) -> float:
+def measure(profile: int, args, device: torch.device, info) -> tuple[float, float | None]:
+    """Training images/s (all processes) and, on CUDA, this process's peak allocated memory in MiB."""
     torch.manual_seed(0)
     recipe = RECIPES[args.recipe]
     model = build_model("fast_scnn", aux=recipe["aux"]).to(device)
@@ -72,11 +75,14 @@ def measure(profile: int, args, device: torch.device, info) -> float:
     epoch(args.warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     epoch(args.steps)
+    peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args.steps * args.batch_size * info.world_size / (time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    return args.steps * args.batch_size * info.world_size / (time.perf_counter() - t0), peak
 
 
 def main() -> None:
@@ -98,16 +104,19 @@ def main() -> None:
     info = distributed.init_distributed(device, info)
     say = print if info.is_main else (lambda *a, **k: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    say(f"device: {name} x {info.world_size} processes; recipe {args.recipe}; batch {args.batch_size} per process; "
+    amp = resolve_amp("auto" if not args.fp32 else "off", device)
+    say(f"device: {name} x {info.world_size} processes; {distributed.torch_build()}; recipe {args.recipe}; "
+        f"batch {args.batch_size} per process; AMP {str(amp).removeprefix('torch.') if amp else 'off (fp32)'}; "
         f"{args.steps} timed steps after {args.warmup} warm-up; checks every {args.check_every} steps"
         + ("; with a teacher" if args.distill else ""))
-    say("| profile | patch (WxH) | train images/s | ms per step | s per Cityscapes epoch (2975 images) |")
-    say("|---|---|---|---|---|")
+    say("| profile | patch (WxH) | train images/s | ms per step | s per Cityscapes epoch (2975 images) "
+        "| peak memory per GPU (MiB) |")
+    say("|---|---|---|---|---|---|")
     for k in args.profiles:
-        rate = measure(k, args, device, info)
+        rate, peak = measure(k, args, device, info)
         w, h = PROFILES[k].patch
         say(f"| {k} | {w}x{h} | {rate:.1f} | {1000 * args.batch_size * info.world_size / rate:.1f} | "
-            f"{2975 / rate:.0f} |", flush=True)
+            f"{2975 / rate:.0f} | {'-' if peak is None else f'{peak:.0f}'} |", flush=True)
     distributed.cleanup()
 
 

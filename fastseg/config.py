@@ -119,7 +119,11 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
                    help="auto (continue from this stage's last.pth if there is one), none, or a path")
     g.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=d["amp"],
-                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16)")
+                   help="mixed precision on CUDA (auto: bf16 on compute capability 8.0 and up, else fp16 with "
+                        "a GradScaler)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d["sync_bn"],
+                   help="SyncBatchNorm under DDP on GPUs: BatchNorm statistics over every GPU's batch "
+                        "(for per-GPU batches below 8)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d["compile"])
     g.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default=d["wandb"],
                    help="auto: online when WANDB_API_KEY is set, else offline (never a login prompt)")

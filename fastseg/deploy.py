@@ -9,9 +9,11 @@ page has the figures.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,10 @@ def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.Path
     every input size, whereas the older TorchScript exporter refuses adaptive pooling to bins that do not
     divide the feature map (6 bins on the 9×18 map of profile 1). It needs ``onnxscript``.
     """
+    missing = onnx_exporter_missing(torch.onnx.export)
+    if missing:
+        raise UserError(f"--export-onnx: needs PyTorch 2.5 or newer (this is torch {torch.__version__}, whose "
+                        f"torch.onnx.export has no {missing}); install torch>=2.5 or drop --export-onnx")
     try:
         import onnxscript  # noqa: F401
     except ImportError as exc:
@@ -76,6 +82,16 @@ def export_onnx(model: nn.Module, input_hw: tuple[int, int], path: str | os.Path
             verbose=False,
         )
     return path
+
+
+def onnx_exporter_missing(export: Callable) -> str | None:
+    """The keyword arguments of :func:`export_onnx` that ``export`` (``torch.onnx.export``) lacks, or None.
+
+    ``dynamo`` and ``external_data`` came with PyTorch 2.5; 2.4's exporter fails on them with a TypeError.
+    """
+    parameters = inspect.signature(export).parameters  # by name: 2.5's export also takes (and drops) **kwargs
+    missing = [name for name in ("dynamo", "external_data") if name not in parameters]
+    return " or ".join(f"'{name}' argument" for name in missing) or None
 
 
 class _LogitsOnly(nn.Module):

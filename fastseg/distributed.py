@@ -5,6 +5,9 @@ comes from SLURM_PROCID, the master is the first host of the job's node list and
 job id so that two jobs sharing a node do not collide. The job scripts export MASTER_ADDR/MASTER_PORT on the
 host before they start the tasks (tools/launch.sh), since ``scontrol`` is usually missing inside a container;
 the same rules apply here when a task was started some other way.
+
+A GPU job in which PyTorch sees no GPU (a container started without ``--nv``, a wheel built for a newer CUDA
+than the node's driver) stops here with one line instead of training on the CPU (:func:`resolve_device`).
 """
 
 from __future__ import annotations
@@ -125,8 +128,72 @@ def env_dist_info(env: dict[str, str] | None = None) -> DistInfo:
     return DistInfo()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks the local GPU when there is one, else the CPU."""
+def torch_build() -> str:
+    """``torch 2.5.1, CUDA build 12.4``: what a run prints once and a report stores."""
+    return f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none (a CPU-only wheel)'}"
+
+
+# Variables that say a job was given GPUs: Slurm's (--gpus, --gres=gpu, --gpus-per-node...) and the CUDA one
+# that Slurm, a launcher or the user sets.
+GPU_ENV_PREFIXES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS")
+
+
+def requested_gpus(env: dict[str, str] | None = None) -> str | None:
+    """``NAME=value`` of the first variable that gives this job GPUs, or None when none does.
+
+    ``CUDA_VISIBLE_DEVICES`` counts when it names devices: empty, ``-1`` (hide all) and Slurm's ``NoDevFiles``
+    do not. Slurm's GPU counts count when they are not 0.
+    """
+    env = os.environ if env is None else env
+    for name in sorted(env):
+        value = env[name].strip()
+        if not name.startswith(GPU_ENV_PREFIXES) or value in ("", "(null)", "N/A"):
+            continue
+        # SLURM_JOB_GPUS / SLURM_STEP_GPUS list GPU indices ("0" is the first GPU); SLURM_GPUS* are counts.
+        if name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS") or value != "0":
+            return f"{name}={value}"
+    value = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if value and value not in ("-1", "NoDevFiles") and not value.startswith("-"):
+        return f"CUDA_VISIBLE_DEVICES={value}"
+    return None
+
+
+def nvidia_driver() -> str | None:
+    """``driver 535.104.05 (CUDA 12.2)`` from ``nvidia-smi``'s header, or None without a working nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    driver = re.search(r"Driver Version:\s*([0-9.]+)", out)
+    cuda = re.search(r"CUDA Version:\s*([0-9.]+)", out)
+    if not driver:
+        return None
+    return f"driver {driver.group(1)}" + (f" (CUDA {cuda.group(1)} at most)" if cuda else "")
+
+
+def no_gpu_message(requested: str) -> str:
+    """The one line a GPU job ends with when PyTorch cannot use the GPU it was given."""
+    driver = nvidia_driver()
+    seen = (f"nvidia-smi reports {driver}" if driver else
+            "nvidia-smi is not found or fails here (no GPU driver visible to this process)")
+    return (f"--device: this job was given GPUs ({requested}) but PyTorch cannot use one: "
+            f"{torch_build()}; {seen}. Fix: run inside the container with --nv (apptainer/singularity exec --nv), "
+            "or install the PyTorch wheel built for the cluster's CUDA (docs/gpu.md); "
+            "--device cpu trains on the CPU on purpose")
+
+
+def resolve_device(name: str, local_rank: int = 0, env: dict[str, str] | None = None) -> torch.device:
+    """``auto`` picks the local GPU when there is one, else the CPU.
+
+    When the job was given GPUs (:func:`requested_gpus`) but PyTorch cannot use one, ``auto`` and ``cuda`` stop
+    with :func:`no_gpu_message` rather than burn a GPU allocation at CPU speed; ``cpu`` is always honoured.
+    """
+    if name != "cpu" and (name == "auto" or name.startswith("cuda")) and not torch.cuda.is_available():
+        requested = requested_gpus(env)
+        if requested:
+            raise UserError(no_gpu_message(requested))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -138,6 +205,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     elif name != "cpu":
         raise UserError(f"--device: unknown device '{name}' (use auto, cpu or cuda)")
     return torch.device(name)
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device, world_size: int) -> tuple[torch.nn.Module, int]:
+    """``model`` with every BatchNorm layer made a SyncBatchNorm (statistics over all ranks' batches), and their
+    number. Under DDP this needs GPUs: PyTorch's SyncBatchNorm refuses CPU tensors in a process group (gloo).
+    """
+    if world_size > 1 and device.type != "cuda":
+        raise UserError(f"--sync-bn: PyTorch's SyncBatchNorm needs GPUs (NCCL) under DDP; this run has "
+                        f"{world_size} processes on the CPU (gloo); drop --sync-bn or run on GPUs")
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
 
 
 def init_distributed(device: torch.device, info: DistInfo | None = None) -> DistInfo:
@@ -158,9 +236,26 @@ def init_distributed(device: torch.device, info: DistInfo | None = None) -> Dist
     return info
 
 
+# The tensors of the latest collective of each kind, referenced here until the process group is destroyed.
+# Older PyTorch (2.5 among them) can deadlock in the gloo process group's destructor: a finished work object
+# still holds its tensor, and freeing that tensor's Python object there needs the GIL that the thread calling
+# destroy_process_group() holds. With a reference kept here, the destructor only drops a count; the tensors
+# are freed after the teardown, by Python.
+_LAST_COLLECTIVES: dict[str, list[torch.Tensor]] = {}
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
+    """``dist.all_reduce`` in place, waited for; ``tensor`` stays referenced until :func:`cleanup`."""
+    _LAST_COLLECTIVES[kind] = [tensor]
+    dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def cleanup() -> None:
+    """Destroy the process group (no-op without one), then let go of the last collectives' tensors."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    _LAST_COLLECTIVES.clear()
 
 
 def barrier() -> None:
@@ -173,7 +268,7 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     if not dist.is_initialized():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    all_reduce(t, op=dist.ReduceOp.MAX, kind="broadcast_flag")
     return bool(t.item() > 0)
 
 
@@ -185,13 +280,15 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     """
     if not dist.is_initialized():
         return
-    for buffer in model.buffers():
-        dist.broadcast(buffer.data, src=0)
+    buffers = [buffer.data for buffer in model.buffers()]
+    _LAST_COLLECTIVES["broadcast_buffers"] = buffers
+    for buffer in buffers:
+        dist.broadcast(buffer, src=0)
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    all_reduce(t, kind="all_reduce_mean")
     return float(t.item()) / dist.get_world_size()

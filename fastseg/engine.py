@@ -30,14 +30,32 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+# bf16 is computed natively from Ampere (compute capability 8.0) on; older GPUs (V100 7.0, T4 7.5) emulate it
+# slowly, although torch.cuda.is_bf16_supported() says True there in current PyTorch.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes bf16 natively (compute capability 8.0 and up); False off CUDA."""
+    return device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+
+
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp``: bf16 where the GPU has it (no loss scaling needed), else fp16."""
+    """The autocast dtype for ``--amp``.
+
+    ``auto``: bf16 where the GPU computes it natively (no loss scaling needed), else fp16, which the trainer
+    pairs with a GradScaler; None (fp32) on the CPU or with ``off``.
+    """
     if device.type != "cuda" or name == "off":
         if name in ("bf16", "fp16") and device.type != "cuda":
             print(f"note: --amp {name} needs a GPU; running in fp32 on {device}", flush=True)
         return None
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    if name == "bf16" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        print(f"note: --amp bf16 on a GPU of compute capability {major}.{minor} is emulated and slow; "
+              "--amp fp16 (or auto) is the fast choice there", flush=True)
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
@@ -87,8 +105,8 @@ def evaluate(
             on_batch(batch[2] if len(batch) > 2 else None, logits, images, labels)
     cm.all_reduce()
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(loss_sum)
-        torch.distributed.all_reduce(valid)
+        dist_utils.all_reduce(loss_sum, kind="val_loss_sum")
+        dist_utils.all_reduce(valid, kind="val_valid")
     metrics = cm.compute()
     metrics["loss"] = float(loss_sum / valid.clamp(min=1))
     metrics["matrix"] = cm.mat.cpu()

@@ -6,15 +6,14 @@
 - cost: parameters, MACs and FLOPs (:func:`cost_fields`; the counts come from :mod:`fastseg.flops`,
   FLOPs are 2 × MACs) and accuracy per GFLOP (:func:`efficiency_scores`);
 - speed: latency at batch 1, throughput at a larger batch and, on CUDA, peak memory, per dtype, on a copy
-  of the model prepared for inference (:func:`prepare_for_speed`, :func:`benchmark_speed`).
-
-The ONNX export and the deployed path's latency are :mod:`fastseg.deploy`'s.
+from fastseg.engine import evaluate, main_logits, native_bf16, upsample_logits
 
 The table, JSON and plots that compare checkpoints are :mod:`fastseg.report`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -32,7 +31,7 @@ from fast_scnn import FastSCNN, fold_batchnorm
 from fastseg.augment import prepare_batch
 from fastseg.checkpoint import atomic_write
 from fastseg.cityscapes import TRAIN_ID_TO_ID, colorize
-from fastseg.engine import autocast_context, evaluate, main_logits, upsample_logits
+from fastseg.engine import evaluate, main_logits, native_bf16, upsample_logits
 from fastseg.metrics import ConfusionMatrix
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -283,6 +282,21 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for cuDNN convolutions and CUDA matmuls while "fp32" is timed; the earlier settings after.
+
+    PyTorch lets cuDNN use TF32 by default on Ampere and later (10-bit mantissa), so "fp32" timed under the
+    defaults would be TF32's figure. Both flags are plain settings, harmless on a CPU.
+    """
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def measure_speed(
     model: nn.Module,
     input_hw: tuple[int, int],
@@ -296,7 +310,9 @@ def measure_speed(
     channels_last: bool = True,
 ) -> dict[str, Any]:
     """Latency at batch 1 (median, p90, mean, min over ``runs``), throughput at ``throughput_batch`` and
-    (on CUDA) the peak memory of batch-1 inference, for a model prepared by :func:`prepare_for_speed`.
+    (on CUDA) the peak memory of batch-1 inference, for a model prepared by :func:`prepare_for_speed` and
+    already in ``dtype`` (:func:`benchmark_speed` converts it): the input is made in that dtype, no autocast.
+    fp32 is timed with TF32 off (:func:`exact_fp32`).
     """
     if runs < 1 or warmup < 0 or throughput_batch < 1:
         raise ValueError("runs and throughput_batch must be positive, warmup non-negative")
@@ -307,14 +323,12 @@ def measure_speed(
     def make_input(batch: int) -> torch.Tensor:
         # Random normalised images: a segmentation network's cost does not depend on pixel values.
         x = torch.randn(batch, 3, height, width, generator=generator)
-        return x.to(device).contiguous(memory_format=memory_format)
+        return x.to(device, DTYPES[dtype]).contiguous(memory_format=memory_format)
 
     single = make_input(1)
 
-    amp_dtype = None if dtype == "fp32" else DTYPES[dtype]
-
     def forward(x: torch.Tensor) -> Any:
-        with torch.inference_mode(), autocast_context(device, amp_dtype):
+        with torch.inference_mode():
             return model(x)
 
     def timed(x: torch.Tensor, n: int, n_warmup: int) -> tuple[list[float], float | None]:
@@ -325,12 +339,16 @@ def measure_speed(
         times = _timed_runs(lambda: forward(x), n, 0, device)
         return times, _peak_memory_mb(device)
 
-    latencies, memory = timed(single, runs, warmup)
-    throughput_runs = throughput_runs or max(5, runs // 5)
-    batch_times, batch_memory = timed(make_input(throughput_batch), throughput_runs, min(warmup, 3))
+    with exact_fp32() if dtype == "fp32" else contextlib.nullcontext():
+        latencies, memory = timed(single, runs, warmup)
+        throughput_runs = throughput_runs or max(5, runs // 5)
+        batch_times, batch_memory = timed(make_input(throughput_batch), throughput_runs, min(warmup, 3))
     median_batch_s = _percentile(batch_times, 50) / 1e3
     return {
         "dtype": dtype,
+        # How the dtype was run: weights and input in it (no autocast), and for fp32 without TF32.
+        "weights_dtype": dtype,
+        "tf32": False if dtype == "fp32" else None,
         "latency_ms": _percentile(latencies, 50),
         "latency_p90_ms": _percentile(latencies, 90),
         "latency_mean_ms": float(np.mean(latencies)),
@@ -348,11 +366,12 @@ def measure_speed(
 
 
 def speed_dtypes(device: torch.device, primary: str = "fp32") -> list[str]:
-    """fp32 everywhere; on CUDA also fp16 and (where supported) bf16 under autocast."""
+    """fp32 everywhere; on CUDA also fp16 and, where the GPU computes it natively (the rule of ``--amp auto``),
+    bf16."""
     names = ["fp32"]
     if device.type == "cuda":
         names.append("fp16")
-        if torch.cuda.is_bf16_supported():
+        if native_bf16(device):
             names.append("bf16")
     if primary not in names:
         names.append(primary)
@@ -374,16 +393,19 @@ def benchmark_speed(
 ) -> dict[str, Any]:
     """Prepare a deployable copy of ``model`` and time it in each dtype.
 
+    fp16 and bf16 are timed on a copy converted to that dtype (BatchNorm folded first, in fp32), as a
+    deployment runs it, not as autocast over fp32 weights, which casts every weight on every call.
     Returns ``{"bn_folded": bool, "channels_last": bool, "compiled": bool, "by_dtype": {dtype: speed}}``.
     """
     prepared, folded = prepare_for_speed(model, fold_bn=fold_bn, channels_last=channels_last)
     prepared = prepared.to(device)
-    if compile_model:
-        prepared = torch.compile(prepared)
     by_dtype = {}
     for dtype in dtypes:
+        converted = prepared if dtype == "fp32" else copy.deepcopy(prepared).to(DTYPES[dtype])
+        if compile_model:
+            converted = torch.compile(converted)
         by_dtype[dtype] = measure_speed(
-            prepared,
+            converted,
             input_hw,
             device,
             dtype=dtype,
@@ -392,6 +414,7 @@ def benchmark_speed(
             throughput_batch=throughput_batch,
             channels_last=channels_last,
         )
+        del converted
     del prepared
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from fastseg import distributed
+
 
 class ConfusionMatrix:
     """Pixel counts ``mat[target, prediction]`` accumulated on ``device`` with one ``bincount`` per batch.
@@ -63,7 +65,7 @@ class ConfusionMatrix:
         # NCCL reduces CUDA tensors only; a CPU matrix visits the GPU and comes back.
         if dist.get_backend() == "nccl" and counts.device.type != "cuda":
             counts = counts.cuda()
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        distributed.all_reduce(counts, op=dist.ReduceOp.SUM, kind="confusion_matrix")
         if counts is not self._counts:
             self._counts.copy_(counts.to(self._counts.device))
 

@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from fastseg import distributed
+
 # Exit status after a stop signal; the Slurm job scripts requeue on it (tools/launch.sh).
 REQUEUE_EXIT_CODE = 75
 
@@ -64,5 +66,5 @@ def agree(*flags: bool | torch.Tensor, device: torch.device | str = "cpu") -> li
     """
     values = torch.stack([torch.as_tensor(f, device=device).reshape(()).float() for f in flags])
     if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        distributed.all_reduce(values, op=dist.ReduceOp.MAX, kind="agree")
     return [bool(v) for v in values.tolist()]

@@ -10,19 +10,31 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY_ARGS
+from test_distributed import free_port
 from test_train import argv, records, with_hook
 
 import evaluate_efficiency
 import train
 import train_distillation
 from fastseg.checkpoint import load_checkpoint
+from fastseg.engine import native_bf16
 from fastseg.models import build_model
 from fastseg.stopping import REQUEUE_EXIT_CODE
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+def _native_bf16() -> bool:
+    return torch.cuda.is_available() and native_bf16(torch.device("cuda", 0))
+
+
 CASES = [
     pytest.param("cuda", "bf16", marks=needs_cuda),
     pytest.param("cuda", "fp16", marks=needs_cuda),
@@ -54,8 +66,8 @@ def _probing_dtypes(build, seen: list):
 
 @pytest.mark.parametrize("device, amp", CASES)
 def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, device, amp, capsys):
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
+    if amp == "bf16" and not _native_bf16():
+        pytest.skip("this GPU has no native bf16 (compute capability below 8.0)")
     args = argv(synthetic_root, tmp_path, "--epochs", "3", "--previous-model-path", "none", "--amp", amp,
                 "--device", device, "--check-every", "1")
     steps_per_epoch = 4
@@ -97,8 +109,8 @@ def test_stage_with_amp_stops_resumes_and_finishes(synthetic_root, tmp_path, dev
 
 @pytest.mark.parametrize("device, amp", CASES)
 def test_distillation_with_amp(synthetic_root, tmp_path, device, amp, monkeypatch):
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
+    if amp == "bf16" and not _native_bf16():
+        pytest.skip("this GPU has no native bf16 (compute capability below 8.0)")
     seen = []
     monkeypatch.setattr(train_distillation, "build_objective",
                         _probing_dtypes(train_distillation.build_objective, seen))
@@ -130,7 +142,25 @@ def test_efficiency_report_on_the_device(synthetic_root, tmp_path, device):
     assert row["device"].startswith(device)
     assert 0.0 <= row["miou"] <= 1.0
     assert row["latency_p90_ms"] >= row["latency_ms"] > 0 and row["fps"] > 0
-    expected = {"fp32", "fp16"} | ({"bf16"} if device == "cuda" and torch.cuda.is_bf16_supported() else set())
+    expected = {"fp32", "fp16"} | ({"bf16"} if device == "cuda" and _native_bf16() else set())
     assert set(row["speed"]) == (expected if device == "cuda" else {"fp32"})
     if device == "cuda":
         assert row["peak_memory_mb"] > 0  # torch.cuda.max_memory_allocated during batch-1 inference
+
+
+@needs_cuda
+@pytest.mark.parametrize("gpus", [1, pytest.param(2, marks=needs_two_gpus)])
+def test_sync_bn_trains_on_gpus(synthetic_root, tmp_path, gpus):
+    # Under torchrun as on a node: with two GPUs the statistics are all-reduced over NCCL; with one, plain BN.
+    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus), "--master-port",
+           str(free_port()), str(ROOT / "train.py"), *args, "--batch-size", "2", "--data-dir", str(synthetic_root),
+           "--output-dir", str(tmp_path), "--experiment-id", "sbn", "--epochs", "2", "--previous-model-path", "none",
+           "--sync-bn"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "BatchNorm layers are SyncBatchNorm" in result.stdout
+    stage = tmp_path / "sbn" / "profile-1"
+    config = json.loads((stage / "config.json").read_text())
+    assert config["sync_bn"] is True and config["world_size"] == gpus and config["device"] == "cuda"
+    assert _finite(records(stage), "train_loss", "val_loss", "val_miou")

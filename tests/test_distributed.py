@@ -21,7 +21,7 @@ from conftest import ROOT, TINY_ARGS
 import train
 from fastseg.cityscapes import Profile
 from fastseg.data import SegmentationDataset, build_loader
-from fastseg.distributed import env_dist_info, expand_hostlist, first_slurm_host, master_port
+from fastseg.distributed import cleanup, env_dist_info, expand_hostlist, first_slurm_host, master_port
 from fastseg.engine import evaluate
 from fastseg.errors import UserError
 from fastseg.models import build_model, load_model
@@ -71,7 +71,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     if rank == 0:
         torch.save({"max_rank_difference": max(float((g - gathered[0]).abs().max()) for g in gathered),
                     "state_dict": model.state_dict(), "metrics": metrics}, out)
-    dist.destroy_process_group()
+    cleanup()  # as the trainer tears down: the last collectives' tensors outlive the process group
 
 
 def test_ddp_ranks_keep_identical_weights_and_validation_matches_one_process(synthetic_root, tmp_path, one_thread):

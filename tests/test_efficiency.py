@@ -198,6 +198,7 @@ def test_report_for_a_curriculum_glob(synthetic_root, checkpoints, tmp_path, cap
     settings = report["settings"]
     assert settings["runs"] == 3 and settings["throughput_batch"] == 2
     assert settings["torch"] == torch.__version__ and settings["dtypes"] == ["fp32"]
+    assert settings["torch_cuda"] == torch.version.cuda and settings["driver"] is None  # CPU: no driver asked
 
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
@@ -385,6 +386,62 @@ def test_measure_speed_reports_every_figure():
     assert fp32["latency_p90_ms"] >= fp32["latency_ms"] >= fp32["latency_min_ms"] > 0
     assert fp32["peak_memory_mb"] is None  # measured on CUDA only
     assert model[1].training is False and isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
+
+
+class _Recorder(nn.Module):
+    """A conv that notes, on every call, its weights' dtype, the input's, autocast and the TF32 settings."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.calls: list[tuple] = []
+
+    def forward(self, x):
+        self.calls.append((self.conv.weight.dtype, x.dtype, torch.is_autocast_enabled("cpu"),
+                           torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.conv(x)
+
+
+@pytest.fixture
+def tf32_allowed():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default is True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_each_dtype_is_timed_on_a_converted_model_and_fp32_without_tf32(monkeypatch, tf32_allowed):
+    model = _Recorder()
+    seen = []
+    real = measure.measure_speed
+
+    def keep(prepared, *args, **kwargs):  # the deployable copy that was timed, as benchmark_speed made it
+        seen.append(prepared)
+        return real(prepared, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "measure_speed", keep)
+    speed = measure.benchmark_speed(model, (8, 8), torch.device("cpu"), dtypes=("fp32", "bf16"), runs=2,
+                                    warmup=1, throughput_batch=2)
+    fp32_calls = seen[0].calls
+    bf16_calls = seen[1].calls[len(fp32_calls):]  # the bf16 copy was made after the fp32 timing, with its notes
+    assert fp32_calls and set(fp32_calls) == {(torch.float32, torch.float32, False, False, False)}
+    # bf16: weights and input in bf16, no autocast casting fp32 weights on every call.
+    assert bf16_calls and {c[:3] for c in bf16_calls} == {(torch.bfloat16, torch.bfloat16, False)}
+    assert speed["by_dtype"]["fp32"]["tf32"] is False and speed["by_dtype"]["bf16"]["weights_dtype"] == "bf16"
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # put back afterwards
+    assert model.conv.weight.dtype == torch.float32 and not model.calls  # the original is untouched
+
+
+def test_onnx_export_on_a_pytorch_without_the_new_exporter_says_so():
+    def export_of_torch_2_4(model, args, f, export_params=True, verbose=False, opset_version=None, dynamo=False):
+        """torch.onnx.export's arguments in PyTorch 2.4: a dynamo flag, no external_data."""
+
+    def export_with_both(model, args, f, *, dynamo=True, external_data=True):
+        """As 2.5 and later."""
+
+    assert deploy.onnx_exporter_missing(export_of_torch_2_4) == "'external_data' argument"
+    assert deploy.onnx_exporter_missing(export_with_both) is None
+    assert deploy.onnx_exporter_missing(torch.onnx.export) is None  # this PyTorch (the supported range)
 
 
 # --------------------------------------------------------------------------------------------------
