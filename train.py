@@ -69,7 +69,7 @@ PROFILE = 1  # curriculum stage 1..5: 576x288 -> 448x224 crops ... 2048x1024 -> 
 DATA_DIR = "data/cityscapes"  # Cityscapes root with leftImg8bit/ and gtFine/ (data/synthetic for the demo)
 EXPERIMENT_ID = "fast_scnn"  # names the curriculum run; every stage of one run shares it
 PREVIOUS_MODEL_PATH = "auto"  # auto = best.pth of the previous profile of this run (none at profile 1)
-RECIPE = "paper"  # paper: the published Fast-SCNN recipe (fastseg/optim.py, README); adamw: earlier runs here
+RECIPE = "paper"  # paper: published Cityscapes recipe; adamw: earlier runs, faster on short budgets (docs/recipe.md)
 CURRICULUM_EPOCHS = (100, 100, 100, 100, 100)  # planned epochs of profiles 1..5: one lr decay spans them all
 EPOCHS = None  # this stage's epochs; None = CURRICULUM_EPOCHS of this profile
 NUM_WORKERS = 8  # data loader processes per GPU; the cached loader needs few
