@@ -174,8 +174,10 @@ def test_each_kd_loss_trains_with_ce_and_kd_of_comparable_size(teacher, syntheti
     assert (cfg["kd_loss"], cfg["kd_weight"], cfg["temperature"], cfg["alpha"]) == (kd, 1.0, 1.0, None)
 
 
-def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthetic_root, tmp_path):
-    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher)),
+def objective_and_batch(teacher, synthetic_root, tmp_path, *flags):
+    """train_distillation's objective for ``flags``, a fresh training-mode student with its two heads, the
+    teacher as loaded, and one normalised batch of the tiny training set."""
+    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher), *flags),
                             train_distillation.constants(), extend=train_distillation.add_distillation_flags)
     torch.manual_seed(0)
     student = build_model("fast_scnn", aux=True).train()
@@ -184,6 +186,11 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
     images, labels, _ = next(iter(build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0,
                                                shuffle=False, seed=0)))
     x, y = prepare_batch(images, labels, "cpu", train=False)
+    return student, objective, teacher_model, x, y
+
+
+def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthetic_root, tmp_path):
+    student, objective, teacher_model, x, y = objective_and_batch(teacher, synthetic_root, tmp_path)
     y[:, :8] = 255
     # What the two classifiers give for this batch, read by hooks of our own (dropout off for a fair replay).
     student.eval()
@@ -210,17 +217,9 @@ def test_the_kd_term_compares_the_classifiers_eighth_grid_logits(teacher, synthe
 def test_the_objective_is_ce_and_aux_plus_each_distillation_term_at_its_weight(teacher, synthetic_root, tmp_path):
     # KL and CWD, each at a weight and temperature of its own: CE + 0.4 x aux CE + w x KD + w x CWD, every
     # term recomputed here from the classifiers' 1/8 logits of a training-mode student with its two heads.
-    args = train.parse_args(argv(synthetic_root, tmp_path, "--trained-teacher-model-path", str(teacher),
-                                 "--kd-loss", "kl", "--kd-weight", "0.7", "--temperature", "2",
-                                 "--cwd-weight", "3", "--cwd-temperature", "4"),
-                            train_distillation.constants(), extend=train_distillation.add_distillation_flags)
-    torch.manual_seed(0)
-    student = build_model("fast_scnn", aux=True).train()
-    objective, _ = train_distillation.build_objective(args, torch.device("cpu"), student)
-    teacher_model, _ = load_model(teacher)
-    images, labels, _ = next(iter(build_loader(SegmentationDataset(synthetic_root, "train", TINY, train=True), 4, 0,
-                                               shuffle=False, seed=0)))
-    x, y = prepare_batch(images, labels, "cpu", train=False)
+    student, objective, teacher_model, x, y = objective_and_batch(
+        teacher, synthetic_root, tmp_path, "--kd-loss", "kl", "--kd-weight", "0.7", "--temperature", "2",
+        "--cwd-weight", "3", "--cwd-temperature", "4")
     torch.manual_seed(1)  # the same dropout in the objective's forward and in the replay
     loss, parts = objective(student, x, y)
 
