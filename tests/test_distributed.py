@@ -71,7 +71,11 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     if rank == 0:
         torch.save({"max_rank_difference": max(float((g - gathered[0]).abs().max()) for g in gathered),
                     "state_dict": model.state_dict(), "metrics": metrics}, out)
-    cleanup()  # as the trainer tears down: the last collectives' tensors outlive the process group
+    # As the trainer tears down: the DDP wrapper (its reducer holds the process group) goes first, with its
+    # stage, then the process group, the last collectives' tensors outliving it. Destroyed the other way
+    # round, PyTorch 2.5's gloo could deadlock in the group's destructor at the end of this function.
+    del ddp
+    cleanup()
 
 
 def test_ddp_ranks_keep_identical_weights_and_validation_matches_one_process(synthetic_root, tmp_path, one_thread):
