@@ -32,7 +32,7 @@ make_data() {
 }
 # The training flags every stage shares, except where data and checkpoints are (submit_curriculum.sh takes
 # those as its own options).
-# The adamw recipe: at the demo's budget (about 1.3 TFLOP a stage) it learns far faster than the paper recipe
+# The adamw recipe: at the demo's budget (1.2-2 TFLOP a stage) it learns far faster than the paper recipe
 # on these scenes (docs/recipe.md, benchmarks/bench_recipes.py); two stages of $EPOCHS epochs, a decay each.
 stage_flags=(--recipe "${RECIPE:-adamw}" --curriculum-epochs "$EPOCHS,$EPOCHS,0,0,0" --batch-size "$BATCH_SIZE"
              --num-workers "$NUM_WORKERS" --wandb "$WANDB" "${STAGE_ARGS[@]}")
