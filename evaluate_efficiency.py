@@ -74,7 +74,6 @@ files get the checkpoint's name appended.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import sys
 from pathlib import Path
@@ -82,11 +81,13 @@ from typing import Any
 
 import torch
 
-from fastseg import deploy, measure, report
-from fastseg.cityscapes import Profile, get_profile
+from fastseg import cityscapes, deploy, measure, report, selection
 from fastseg.config import report_overrides
+from fastseg.data import SegmentationDataset, build_loader
 from fastseg.distributed import nvidia_driver, resolve_device
 from fastseg.errors import UserError, run_cli
+from fastseg.flops import count_macs, count_params
+from fastseg.models import load_model
 from fastseg.submission import export_submission
 
 # ---- what users edit ---------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--throughput-batch: must be at least 1, got {args.throughput_batch}")
     if args.skip_accuracy and (optional_path(args.save_predictions) or optional_path(args.save_overlays)):
         raise UserError("--save-predictions/--save-overlays: need the val pass; drop --skip-accuracy")
-    requested_profiles(args.profile)  # a bad --profile ends here
+    selection.requested_profiles(args.profile)  # a bad --profile ends here
     submission = optional_path(args.export_submission)
     if submission is not None and submission.exists() and not submission.is_dir():
         raise UserError(f"--export-submission: {submission} is a file; give a folder (it is created if missing)")
@@ -215,167 +216,69 @@ def optional_path(value: str | Path | None) -> Path | None:
     return Path(value)
 
 
-def requested_profiles(value: Any) -> list[int] | None:
-    """``--profile``'s values as profile indices, in order without repeats: None (each checkpoint's own),
-    ``3``, ``["1", "3"]``, ``"1-5"``, ``(1, 2, 3)``."""
-    if value is None:
-        return None
-    profiles: list[int] = []
-    for item in [value] if isinstance(value, (int, str)) else value:
-        for part in str(item).replace(",", " ").split():
-            first, _, last = part.partition("-")
-            try:
-                low, high = int(first), int(last or first)
-            except ValueError:
-                raise UserError(f"--profile {part}: expected a profile (1-5) or a range such as 1-5") from None
-            if low > high:
-                raise UserError(f"--profile {part}: the range goes down; write it as {high}-{low}")
-            for k in range(low, high + 1):
-                get_profile(k)  # an unknown profile ends here, naming the flag
-                if k not in profiles:
-                    profiles.append(k)
-    return profiles or None
 
 
-def resolve_profile(index: int | None, config: dict[str, Any], path: Path) -> Profile:
-    """The profile to evaluate at: ``index`` (from --profile), else the checkpoint's own (with its stored
-    resize, which a stage trained with --resize changed)."""
-    if index is not None:
-        return get_profile(index)
-    if config.get("profile") is None:
-        raise UserError(
-            f"--profile: {path} is a plain state_dict with no stored profile; "
-            "pass --profile K (1-5) with the profile it was trained at"
-        )
-    profile = get_profile(int(config["profile"]))
-    if config.get("resize"):
-        profile = dataclasses.replace(profile, resize=tuple(int(v) for v in config["resize"]))
-    return profile
+# ---- one checkpoint: what it is, then its score, cost, time and exports ------------------------------------
 
 
-@dataclasses.dataclass
-class Job:
-    """One row of the report: a checkpoint scored at one profile, with what training recorded in it."""
-
-    path: Path
-    profile: Profile
-    config: dict[str, Any]
-    flag: str  # the flag the path came from, for error messages
-    epoch: int | None = None
-    cum_train_tflop: float | None = None
-    last: Path | None = None  # the stage's last.pth, scored beside a best.pth
-    epoch_last: int | None = None
-
-
-def read_job(path: Path, args: argparse.Namespace, flag: str, index: int | None = None,
-             profile: Profile | None = None, with_last: bool = True) -> Job:
-    """Read a checkpoint (and the last.pth beside a best.pth) and settle its profile, so that a bad file or a
-    missing --profile stops the run at once rather than after the checkpoints before it have been scored."""
-    from fastseg.checkpoint import load_checkpoint, model_config
-
-    checkpoint = load_checkpoint(path, flag=flag)
-    config = model_config(checkpoint)
-    job = Job(path, profile or resolve_profile(index, config, path), config, flag,
-              **report.training_record(checkpoint, path))
-    last = path.with_name("last.pth")
-    if with_last and args.last_epoch and not args.skip_accuracy and path.name == "best.pth" and last.is_file():
-        job.last, job.epoch_last = last, load_checkpoint(last, flag=flag).get("epoch")
-    return job
+def evaluate_checkpoint(job: selection.Job, label: str, file_label: str, args: argparse.Namespace,
+                        device: torch.device, several: bool) -> dict[str, Any]:
+    """One row of the report; ``file_label`` names its predictions, plots and exported files."""
+    model, config = load_model(job.path, device, flag=job.flag)
+    input_hw = tuple(job.profile.resize_hw)
+    row = describe(job, label, config, args, device)
+    if not args.skip_accuracy:
+        row.update(score(model, job, label, args, device, several, file_label))
+    row.update(measure.cost_fields(count_params(model), count_macs(model, input_hw)))
+    if not args.skip_speed:
+        row.update(time_model(model, input_hw, label, args, device))
+    row.update(export(model, config, job, label, args, device, several, file_label))
+    row.update(measure.efficiency_scores(row))  # mIoU and Dice per GFLOP, from the figures above
+    return row
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, list] | None]:
-    """Every (checkpoint, profile) to score, all read before the first is scored.
-
-    With --compare, also the roles: the indices of the students, of their twins, and of each student's
-    teacher scored at the student's profile (None where the teacher's file is not there).
-    """
-    if args.compare is None:
-        profiles = requested_profiles(args.profile) or [None]
-        jobs = []
-        for path in report.expand_checkpoint_paths(args.current_model_path):
-            job = read_job(path, args, "--current-model-path", profiles[0])  # each file is read once
-            jobs += [job] + [dataclasses.replace(job, profile=get_profile(k)) for k in profiles[1:]]
-        return jobs, None
-
-    student_glob, twin_glob = args.compare
-    students = [read_job(p, args, "--compare") for p in report.expand_checkpoint_paths([student_glob], "--compare")]
-    twins = [read_job(p, args, "--compare") for p in report.expand_checkpoint_paths([twin_glob], "--compare")]
-    for job in students:
-        if not report.is_distilled(job.config):
-            raise UserError(f"--compare: {job.path} was trained without a teacher; the first path is the "
-                            "distilled student's (train_distillation.py), the second its undistilled twin's")
-    for job in twins:
-        if report.is_distilled(job.config):
-            raise UserError(f"--compare: {job.path} was distilled from {report.teacher_path(job.config)}; the "
-                            "second path is the twin's, trained with the same recipe and no teacher")
-    for role, jobs in (("student", students), ("twin", twins)):
-        seen: dict[int, Path] = {}
-        for job in jobs:
-            if job.profile.index in seen:
-                raise UserError(f"--compare: two {role} checkpoints of profile {job.profile.index} "
-                                f"({seen[job.profile.index]}, {job.path}); give the stages of one run")
-            seen[job.profile.index] = job.path
-
-    jobs = students + twins
-    teachers: list[int | None] = []
-    for student in students:
-        teacher = Path(report.teacher_path(student.config))
-        if not teacher.is_file():
-            print(f"note: {student.path} was distilled from {teacher}, which is not there (a relative path is read "
-                  "from the current directory); its teacher column stays empty", file=sys.stderr, flush=True)
-            teachers.append(None)
-            continue
-        # The teacher at the student's input size: what it offered the student at that stage.
-        same = [i for i, job in enumerate(jobs)
-                if job.path.resolve() == teacher.resolve() and job.profile == student.profile]
-        if not same:
-            jobs.append(read_job(teacher, args, "--compare", profile=student.profile, with_last=False))
-            same = [len(jobs) - 1]
-        teachers.append(same[0])
-    roles = {"students": list(range(len(students))),
-             "twins": list(range(len(students), len(students) + len(twins))),
-             "teachers": teachers}
-    return jobs, roles
-
-
-def val_loader(args: argparse.Namespace, profile: Profile):
-    from fastseg.data import SegmentationDataset, build_loader
-
-    dataset = SegmentationDataset(
-        Path(args.data_dir),
-        "val",
-        profile,
-        train=False,
-        cache_dir=args.cache_dir,
-        label_resolution=args.label_resolution,
+def describe(job: selection.Job, label: str, config: dict[str, Any], args: argparse.Namespace,
+             device: torch.device) -> dict[str, Any]:
+    """The row's identity: which checkpoint, at which profile and size, and what training recorded in it."""
+    row: dict[str, Any] = dict.fromkeys(report.RESULT_KEYS)
+    row.update(
+        checkpoint=label,
+        path=str(job.path),
+        profile=job.profile.index,
+        trained_profile=config.get("profile"),
+        input_size=list(job.profile.resize_hw),
+        epoch=job.epoch,
+        cum_train_tflop=job.cum_train_tflop,
+        arch=config.get("arch", "fast_scnn"),
+        experiment_id=config.get("experiment_id"),
+        distilled=selection.is_distilled(config),
+        teacher=selection.teacher_path(config),
+        stage=selection.stage_label(config, job.profile.index),
+        device=str(device),
+        label_resolution=None if args.skip_accuracy else args.label_resolution,
     )
-    loader = build_loader(dataset, args.batch_size, args.num_workers, shuffle=False, seed=0, drop_last=False)
-    return dataset, loader
+    return row
 
 
-def accuracy(model, job: Job, label: str, args, device, prediction_dir, overlay_dir) -> dict[str, Any]:
-    """The accuracy part of a row: the trainers' validation pass, with --tta the augmented one, and the
-    last.pth beside a best.pth."""
-    from fastseg.cityscapes import NUM_CLASSES
-    from fastseg.models import load_model
-
+def score(model, job: selection.Job, label: str, args: argparse.Namespace, device: torch.device,
+          several: bool, file_label: str) -> dict[str, Any]:
+    """Accuracy on the val split: the trainers' validation pass, with --tta the augmented one, and the
+    last.pth beside a best.pth (the figure that picking the best epoch does not flatter)."""
     k = job.profile.index
-    dataset, loader = val_loader(args, job.profile)
+    print(f"{label}: accuracy on val at profile {k}", file=sys.stderr, flush=True)
+    dataset = SegmentationDataset(Path(args.data_dir), "val", job.profile, train=False, cache_dir=args.cache_dir,
+                                  label_resolution=args.label_resolution)
+    loader = build_loader(dataset, args.batch_size, args.num_workers, shuffle=False, seed=0, drop_last=False)
     fields = measure.evaluate_accuracy(
-        model,
-        loader,
-        device,
-        num_classes=NUM_CLASSES,
-        samples=dataset.samples,
-        prediction_dir=prediction_dir,
-        overlay_dir=overlay_dir,
+        model, loader, device, num_classes=cityscapes.NUM_CLASSES, samples=dataset.samples,
+        prediction_dir=_per_checkpoint(optional_path(args.save_predictions), several, file_label),
+        overlay_dir=_per_checkpoint(optional_path(args.save_overlays), several, file_label),
         progress=_progress(f"val, profile {k}"),
     )
     if args.tta:
         print(f"{label}: accuracy with multi-scale + flip augmentation", file=sys.stderr, flush=True)
-        fields.update(
-            measure.evaluate_tta(model, loader, device, NUM_CLASSES, progress=_progress(f"TTA, profile {k}"))
-        )
+        fields.update(measure.evaluate_tta(model, loader, device, cityscapes.NUM_CLASSES,
+                                           progress=_progress(f"TTA, profile {k}")))
     if job.last is not None:
         fields["epoch_last"] = job.epoch_last
         if job.epoch_last == job.epoch:  # best.pth was saved at the last epoch: the same weights
@@ -384,10 +287,42 @@ def accuracy(model, job: Job, label: str, args, device, prediction_dir, overlay_
             print(f"{label}: accuracy of the stage's last epoch ({job.last.name}, epoch {job.epoch_last})",
                   file=sys.stderr, flush=True)
             last_model, _ = load_model(job.last, device, flag=job.flag)
-            last = measure.evaluate_accuracy(last_model, loader, device, num_classes=NUM_CLASSES,
+            last = measure.evaluate_accuracy(last_model, loader, device, num_classes=cityscapes.NUM_CLASSES,
                                              progress=_progress(f"val, last epoch, profile {k}"))
             fields["miou_last"] = last["miou"]
-            del last_model
+    return fields
+
+
+def time_model(model, input_hw: tuple[int, int], label: str, args: argparse.Namespace,
+               device: torch.device) -> dict[str, Any]:
+    """Latency and throughput: BN folded, in each dtype the device runs (the table shows --dtype)."""
+    print(f"{label}: timing at {input_hw[0]}×{input_hw[1]} (H×W) on {device}", file=sys.stderr, flush=True)
+    speed = measure.benchmark_speed(
+        model, input_hw, device, dtypes=measure.speed_dtypes(device, args.dtype), runs=args.runs,
+        warmup=args.warmup, throughput_batch=args.throughput_batch, channels_last=args.channels_last,
+        compile_model=args.compile,
+    )
+    shown = speed["by_dtype"][args.dtype]
+    fields = {k: shown[k] for k in ("latency_ms", "latency_p90_ms", "fps", "peak_memory_mb")}
+    fields.update(dtype=args.dtype, throughput_batch=shown["throughput_batch"], fps_batch1=shown["fps_batch1"],
+                  bn_folded=speed["bn_folded"], speed=speed["by_dtype"])
+    return fields
+
+
+def export(model, config: dict[str, Any], job: selection.Job, label: str, args: argparse.Namespace,
+           device: torch.device, several: bool, file_label: str) -> dict[str, Any]:
+    """The ONNX export and its onnxruntime latency (on a CPU by default: the deployed path), and the
+    submission packages (fastseg/deploy.py, fastseg/submission.py)."""
+    fields: dict[str, Any] = {}
+    onnx = _per_checkpoint(optional_path(args.export_onnx), several, file_label, ".onnx")
+    if onnx is not None or (args.deployed_speed and not args.skip_speed and device.type == "cpu"):
+        fields.update(deploy.deployed_fields(model, tuple(job.profile.resize_hw), label, export_path=onnx,
+                                             runs=args.runs, warmup=args.warmup, use_cuda=device.type == "cuda"))
+    submission = optional_path(args.export_submission)
+    if submission is not None:
+        package = export_submission(model, config, job.profile, submission / report.slug(file_label))
+        print(f"{label}: submission packages in {package} (codalab.zip, docker/)", file=sys.stderr, flush=True)
+        fields["submission_dir"] = str(package)
     return fields
 
 
@@ -411,89 +346,38 @@ def _per_checkpoint(path: Path | None, several: bool, label: str, suffix: str = 
     return path / report.slug(label)
 
 
-def evaluate_checkpoint(
-    job: Job, label: str, file_label: str, args: argparse.Namespace, device: torch.device, several: bool
-) -> dict[str, Any]:
-    """One row of the report; ``file_label`` names its predictions, plots and ONNX file."""
-    from fastseg.flops import count_macs, count_params
-    from fastseg.models import load_model
+# ---- the report --------------------------------------------------------------------------------------------
 
-    model, config = load_model(job.path, device, flag=job.flag)
-    profile = job.profile
-    input_hw = tuple(profile.resize_hw)
-    row: dict[str, Any] = dict.fromkeys(report.RESULT_KEYS)
-    row.update(
-        checkpoint=label,
-        path=str(job.path),
-        profile=profile.index,
-        trained_profile=config.get("profile"),
-        input_size=list(input_hw),
-        epoch=job.epoch,
-        cum_train_tflop=job.cum_train_tflop,
-        arch=config.get("arch", "fast_scnn"),
-        experiment_id=config.get("experiment_id"),
-        distilled=report.is_distilled(config),
-        teacher=report.teacher_path(config),
-        stage=report.stage_label(config, profile.index),
-        device=str(device),
-        label_resolution=None if args.skip_accuracy else args.label_resolution,
-    )
-    row.update(measure.cost_fields(count_params(model), count_macs(model, input_hw)))
 
-    if not args.skip_accuracy:
-        print(f"{label}: accuracy on val at profile {profile.index}", file=sys.stderr, flush=True)
-        row.update(
-            accuracy(
-                model,
-                job,
-                label,
-                args,
-                device,
-                _per_checkpoint(optional_path(args.save_predictions), several, file_label),
-                _per_checkpoint(optional_path(args.save_overlays), several, file_label),
-            )
+def write_report(rows: list[dict[str, Any]], roles: dict[str, list] | None, file_labels: list[str],
+                 args: argparse.Namespace, device: torch.device) -> None:
+    """The Markdown table (and with --compare the student/twin/teacher table) on stdout, the JSON and plots."""
+    print(report.markdown_table(rows))
+    comparison = None
+    if roles is not None:
+        comparison = report.distillation_comparison(
+            [rows[i] for i in roles["students"]],
+            [rows[i] for i in roles["twins"]],
+            [None if i is None else rows[i] for i in roles["teachers"]],
         )
+        print(f"\nstudent {args.compare[0]} against its undistilled twin {args.compare[1]}; "
+              "gain = student - twin; the teacher scored at each student's profile")
+        print(report.comparison_table(comparison))
 
-    if not args.skip_speed:
-        print(
-            f"{label}: timing at {input_hw[0]}×{input_hw[1]} (H×W) on {device}", file=sys.stderr, flush=True
-        )
-        speed = measure.benchmark_speed(
-            model,
-            input_hw,
-            device,
-            dtypes=measure.speed_dtypes(device, args.dtype),
-            runs=args.runs,
-            warmup=args.warmup,
-            throughput_batch=args.throughput_batch,
-            channels_last=args.channels_last,
-            compile_model=args.compile,
-        )
-        shown = speed["by_dtype"][args.dtype]
-        row.update({k: shown[k] for k in ("latency_ms", "latency_p90_ms", "fps", "peak_memory_mb")})
-        row.update(
-            dtype=args.dtype,
-            throughput_batch=shown["throughput_batch"],
-            fps_batch1=shown["fps_batch1"],
-            bn_folded=speed["bn_folded"],
-            speed=speed["by_dtype"],
-        )
-
-    onnx = _per_checkpoint(optional_path(args.export_onnx), several, file_label, ".onnx")
-    deployed = args.deployed_speed and not args.skip_speed and device.type == "cpu"
-    if onnx is not None or deployed:
-        row.update(deploy.deployed_fields(model, input_hw, label, export_path=onnx, runs=args.runs,
-                                          warmup=args.warmup, use_cuda=device.type == "cuda"))
-
-    submission = optional_path(args.export_submission)
-    if submission is not None:
-        package = export_submission(model, config, profile, submission / report.slug(file_label))
-        print(f"{label}: submission packages in {package} (codalab.zip, docker/)", file=sys.stderr, flush=True)
-        row["submission_dir"] = str(package)
-
-    row.update(measure.efficiency_scores(row))
-    del model
-    return row
+    output = optional_path(args.output)
+    if output is not None:
+        report.write_json(output, rows, run_settings(args, device), comparison=comparison)
+        print(f"wrote {output}", file=sys.stderr)
+    plots = optional_path(args.plots)
+    if plots is not None:
+        written = []
+        for row, file_label in zip(rows, file_labels):
+            if row.get("per_class_iou"):
+                name = f"per_class_iou_{report.slug(file_label)}.png"
+                written.append(report.plot_per_class_iou(row, plots / name, cityscapes.CLASS_NAMES))
+        if len(rows) > 1:
+            written += report.plot_tradeoffs(rows, plots)
+        print(f"wrote {len(written)} plot(s) to {plots}", file=sys.stderr)
 
 
 def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -523,6 +407,7 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plan every (checkpoint, profile), evaluate each (score, cost, time, export), then write the report."""
     args = parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -531,44 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.throughput_batch is None:
         args.throughput_batch = 32 if device.type == "cuda" else 4
 
-    jobs, roles = plan(args)
+    jobs, roles = selection.plan(args.current_model_path, args.profile, args.compare,
+                                 with_last=args.last_epoch and not args.skip_accuracy)
     paths = [job.path for job in jobs]
-    labels = report.checkpoint_labels(paths)
+    labels = selection.checkpoint_labels(paths)
     # A checkpoint scored at several profiles gets one file name per profile.
     file_labels = [label if paths.count(job.path) == 1 else f"{report.slug(label)}_p{job.profile.index}"
                    for job, label in zip(jobs, labels)]
-    several = len(jobs) > 1
-    results = [evaluate_checkpoint(job, label, file_label, args, device, several)
-               for job, label, file_label in zip(jobs, labels, file_labels)]
-
-    print(report.markdown_table(results))
-    comparison = None
-    if roles is not None:
-        comparison = report.distillation_comparison(
-            [results[i] for i in roles["students"]],
-            [results[i] for i in roles["twins"]],
-            [None if i is None else results[i] for i in roles["teachers"]],
-        )
-        print(f"\nstudent {args.compare[0]} against its undistilled twin {args.compare[1]}; "
-              "gain = student - twin; the teacher scored at each student's profile")
-        print(report.comparison_table(comparison))
-
-    output = optional_path(args.output)
-    if output is not None:
-        report.write_json(output, results, run_settings(args, device), comparison=comparison)
-        print(f"wrote {output}", file=sys.stderr)
-    plots = optional_path(args.plots)
-    if plots is not None:
-        from fastseg.cityscapes import CLASS_NAMES
-
-        written = []
-        for row, file_label in zip(results, file_labels):
-            if row.get("per_class_iou"):
-                name = f"per_class_iou_{report.slug(file_label)}.png"
-                written.append(report.plot_per_class_iou(row, plots / name, CLASS_NAMES))
-        if several:
-            written += report.plot_tradeoffs(results, plots)
-        print(f"wrote {len(written)} plot(s) to {plots}", file=sys.stderr)
+    rows = [evaluate_checkpoint(job, label, file_label, args, device, several=len(jobs) > 1)
+            for job, label, file_label in zip(jobs, labels, file_labels)]
+    write_report(rows, roles, file_labels, args, device)
     return 0
 
 

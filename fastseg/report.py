@@ -1,24 +1,20 @@
-"""The report that compares checkpoints: their names, a Markdown table, a JSON file and plots.
+"""The report that compares checkpoints: a Markdown table, a JSON file and plots.
 
-- finding checkpoints (paths and globs), naming them and reading what training recorded in them
-  (:func:`expand_checkpoint_paths`, :func:`checkpoint_labels`, :func:`stage_label`, :func:`teacher_path`,
-  :func:`training_record`);
 - the report itself (:func:`markdown_table`, :func:`write_json`, :func:`plot_per_class_iou`,
   :func:`plot_tradeoffs`, :func:`plot_accuracy_vs_train_compute`, :func:`train_compute_runs`);
 - a distilled student beside its undistilled twin and its teacher (:func:`distillation_comparison`,
   :func:`comparison_table`).
 
-The figures in each row are measured by :mod:`fastseg.measure`.
+The rows are chosen by :mod:`fastseg.selection` and measured by :mod:`fastseg.measure`.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +22,6 @@ import numpy as np
 import torch
 
 from fastseg.checkpoint import atomic_path, atomic_write
-from fastseg.errors import UserError
 
 # Keys every result carries in the JSON report (None where a part was skipped).
 RESULT_KEYS = (
@@ -54,94 +49,6 @@ RESULT_KEYS = (
     "dice_per_gflop",
     "miou_per_gflop",
 )
-
-_GLOB_CHARS = frozenset("*?[")
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and their names
-# --------------------------------------------------------------------------------------------------
-
-
-def expand_checkpoint_paths(patterns: Iterable[str], flag: str = "--current-model-path") -> list[Path]:
-    """Expand paths and globs (``**`` allowed) into checkpoint files, in the order given, without repeats.
-
-    Globs are expanded here as well as by the shell, because a quoted glob reaches the script as is.
-    """
-    paths: list[Path] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if _GLOB_CHARS.intersection(pattern):
-            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"{flag}: no file matches {pattern!r}; check the directory and the pattern")
-            paths.extend(matches)
-        else:
-            path = Path(pattern)
-            if not path.is_file():
-                raise UserError(f"{flag}: {path} does not exist; give the path of a .pth checkpoint")
-            paths.append(path)
-    if not paths:
-        raise UserError(f"{flag}: no checkpoint given; pass one or more .pth paths or a glob")
-    unique: dict[Path, Path] = {}
-    for path in paths:
-        unique.setdefault(path.resolve(), path)
-    return list(unique.values())
-
-
-def checkpoint_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Each path relative to the deepest folder that holds them all: distinct, as short as that allows.
-
-    ``checkpoints/*/profile-*/best.pth`` reads ``<experiment>/profile-<k>/best.pth``; one checkpoint reads
-    as its file name.
-    """
-    absolute = [Path(os.path.abspath(p)) for p in paths]
-    common = os.path.commonpath([p.parent for p in absolute])
-    return [p.relative_to(common).as_posix() for p in absolute]
-
-
-def teacher_path(config: dict[str, Any]) -> str | None:
-    """The teacher a student was distilled from (``config["teacher"]["path"]``, as train_distillation.py
-    stores it; older students stored the path itself), or None for a model trained without one."""
-    teacher = config.get("teacher")
-    if isinstance(teacher, dict):
-        teacher = teacher.get("path")
-    return str(teacher or config.get("trained_teacher_model_path") or "") or None
-
-
-def is_distilled(config: dict[str, Any]) -> bool:
-    """A student trained by distillation carries its teacher in the config."""
-    return teacher_path(config) is not None
-
-
-def training_record(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    """The epoch a checkpoint holds and the curriculum's training compute up to it (``cum_train_tflop``).
-
-    Both come from the epoch's line stored in the checkpoint; a checkpoint without it is looked up in the
-    stage's ``metrics.jsonl`` beside it. Unknown values are None (a plain state_dict).
-    """
-    epoch = checkpoint.get("epoch")
-    metrics = checkpoint.get("metrics") or {}
-    if metrics.get("cum_train_tflop") is None and epoch is not None:
-        log = Path(path).parent / "metrics.jsonl"
-        if log.is_file():
-            for line in log.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("epoch") == epoch:
-                    metrics = record
-    return {"epoch": epoch, "cum_train_tflop": metrics.get("cum_train_tflop")}
-
-
-def stage_label(config: dict[str, Any], profile: int) -> str:
-    """``teacher p1`` / ``student p2``: the role in the curriculum and the profile.
-
-    Models trained without a teacher are the curriculum's teachers; distilled ones are its students.
-    """
-    role = "student" if is_distilled(config) else "teacher"
-    return f"{role} p{profile}"
 
 
 def slug(text: str) -> str:

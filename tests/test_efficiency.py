@@ -22,21 +22,19 @@ from torch import nn
 
 import evaluate_efficiency
 import train
-from fastseg import deploy, measure
+from fastseg import deploy, measure, selection
 from fastseg.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID
 from fastseg.errors import UserError, run_cli
 from fastseg.flops import count_macs, count_params
 from fastseg.models import build_model
 from fastseg.report import (
     RESULT_KEYS,
-    checkpoint_labels,
-    expand_checkpoint_paths,
     markdown_table,
     plot_accuracy_vs_train_compute,
     train_compute_runs,
-    training_record,
     write_json,
 )
+from fastseg.selection import checkpoint_labels, expand_checkpoint_paths, training_record
 
 # The synthetic images are 128×64; evaluating at that size keeps every forward pass tiny.
 TINY_RESIZE = [128, 64]
@@ -487,7 +485,7 @@ def test_edited_constants_reach_evaluate_efficiency_sh(checkpoints, tmp_path):
 
 
 def test_profiles_are_single_lists_or_ranges():
-    parse = evaluate_efficiency.requested_profiles
+    parse = selection.requested_profiles
     assert parse(None) is None
     assert parse(["1-5"]) == [1, 2, 3, 4, 5] == parse("1-5") == parse((1, 2, 3, 4, 5))
     assert parse(["3", "1", "3"]) == [3, 1] and parse(2) == [2] and parse(["1,2", "4-5"]) == [1, 2, 4, 5]
