@@ -87,7 +87,8 @@ def curve(run: dict, work_dir: Path) -> list[dict] | None:
         if len(records) < epochs:
             return None
         points += [{"profile": profile, "epoch": r["epoch"], "cum_train_tflop": r["cum_train_tflop"],
-                    "val_miou": r["val_miou"], "lr": r["lr"]} for r in records[:epochs]]
+                    "val_miou": r["val_miou"], "lr": r["lr"], "epoch_s": r.get("epoch_s")}
+                   for r in records[:epochs]]
     return points
 
 
@@ -138,22 +139,43 @@ def summarise(runs: list[dict]) -> list[dict]:
         groups.setdefault((run["recipe"], run["schedule"]), []).append(run)
     rows = []
     for (recipe, schedule), members in groups.items():
+        seconds = [sum(p.get("epoch_s") or 0.0 for p in r["curve"]) for r in members]
         best = [max(p["val_miou"] for p in r["curve"]) for r in members]
         final = [r["curve"][-1]["val_miou"] for r in members]
         rows.append({"recipe": recipe, "schedule": schedule, "seeds": len(members),
                      "tflop": members[0]["curve"][-1]["cum_train_tflop"],
                      "best": (sum(best) / len(best), min(best), max(best)),
-                     "final": (sum(final) / len(final), min(final), max(final))})
+                     "final": (sum(final) / len(final), min(final), max(final)),
+                     "train_s": (min(seconds), max(seconds))})
     return rows
 
 
+BUDGETS = (0.2, 0.4, 0.8, 1.2, 1.6)  # TFLOP: where the budget table reads each curve
+
+
+def budget_table(runs: list[dict]) -> str:
+    """Best val mIoU reached within each training budget, mean over a group's seeds (- past a run's end)."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(f"{run['recipe']} {run['schedule']}", []).append(run)
+    lines = ["| TFLOP | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for budget in BUDGETS:
+        cells = []
+        for members in groups.values():
+            best = [max((p["val_miou"] for p in r["curve"] if p["cum_train_tflop"] <= budget), default=0.0)
+                    for r in members if r["curve"][-1]["cum_train_tflop"] >= budget * 0.98]
+            cells.append(f"{100 * sum(best) / len(best):.1f}" if len(best) == len(members) else "-")
+        lines.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | schedule | seeds | training TFLOP | best val mIoU, mean (min-max) | final val mIoU |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| recipe | schedule | seeds | training TFLOP | best val mIoU, mean (min-max) | final val mIoU | "
+             "training s per run |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: f"{100 * v[0]:.1f} ({100 * v[1]:.1f}-{100 * v[2]:.1f})"  # noqa: E731
         lines.append(f"| {r['recipe']} | {r['schedule']} | {r['seeds']} | {r['tflop']:.1f} | {fmt(r['best'])} | "
-                     f"{fmt(r['final'])} |")
+                     f"{fmt(r['final'])} | {r['train_s'][0]:.0f}-{r['train_s'][1]:.0f} |")
     return "\n".join(lines)
 
 
@@ -201,7 +223,8 @@ def main(argv=None) -> int:
                    help="recipes of the curriculum-against-baseline runs, comma-separated (default: paper)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw the plot and print the tables from --out (the committed JSON); trains nothing")
     args = p.parse_args(argv)
     args.work_dir = args.work_dir.resolve()
     args.data_dir = args.work_dir / "data"
@@ -212,9 +235,15 @@ def main(argv=None) -> int:
                        check=True)
         run_all(args)
         print(f"benchmark time this call: {(time.time() - t0) / 60:.1f} min", flush=True)
-    runs = write_results(args)
+        runs = write_results(args)
+    elif args.out.is_file():
+        runs = json.loads(args.out.read_text())["runs"]
+    else:
+        sys.exit(f"--plot-only: {args.out} does not exist; run the benchmark first (without --plot-only)")
     plot(runs, args.plot)
     print(table(summarise(runs)))
+    print("\nbest val mIoU (%) within each training budget, mean over seeds:")
+    print(budget_table(runs))
     print(f"wrote {args.out} and {args.plot}")
     return 0
 
