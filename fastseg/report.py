@@ -206,6 +206,16 @@ def point_labels(results: Sequence[dict[str, Any]]) -> list[str]:
     return labels
 
 
+def _stacked(xy: Sequence[tuple[float, float]], near: float = 0.03) -> list[int]:
+    """For each point, how many earlier points sit on it (within ``near`` of the plotted ranges): their
+    labels go one line higher each, so that two stages with the same figures stay readable."""
+    spans = [max(v) - min(v) or 1.0 for v in zip(*xy)] if xy else []
+    levels: list[int] = []
+    for i, (x, y) in enumerate(xy):
+        levels.append(sum(abs(x - a) <= near * spans[0] and abs(y - b) <= near * spans[1] for a, b in xy[:i]))
+    return levels
+
+
 def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
     """Accuracy vs GFLOPs and accuracy vs latency, each point labelled with its stage, and accuracy vs the
     training compute (:func:`plot_accuracy_vs_train_compute`).
@@ -244,8 +254,9 @@ def plot_tradeoffs(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike
                 path_points = sorted((x, y) for x, y, row in kept if row.get("experiment_id") == experiment)
                 if len(path_points) > 1:
                     ax.plot(*zip(*path_points), color=colour, alpha=0.35, linewidth=1)
-        for x, row, label in points:
-            ax.annotate(label, (x, 100 * row["miou"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        xy = [(x, 100 * row["miou"]) for x, row, _ in points]
+        for (x, y), (_, _, label), stacked in zip(xy, points, _stacked(xy)):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 + 11 * stacked), fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy on val (%)")
         ax.grid(True, alpha=0.3)

@@ -623,6 +623,14 @@ def test_training_compute_is_read_from_the_metrics_log_when_the_checkpoint_lacks
     assert training_record({"epoch": None}, tmp_path / "plain.pth") == {"epoch": None, "cum_train_tflop": None}
 
 
+def test_labels_of_stages_with_the_same_figures_are_stacked_not_overprinted():
+    from fastseg.report import _stacked
+
+    # The demo's teacher and student at profile 2 had the same GFLOPs and mIoU to 0.02 points.
+    points = [(1.13, 18.68), (1.13, 19.21), (2.01, 26.00), (2.01, 25.98), (2.01, 26.0)]
+    assert _stacked(points) == [0, 0, 0, 1, 2]
+    assert _stacked([(1.0, 5.0)]) == [0] and _stacked([]) == []
+
 
 def test_training_compute_plot_draws_one_line_per_run(tmp_path):
     def row(name, run, profile, tflop, trained=None):
