@@ -17,8 +17,8 @@ load with ``load_state_dict(strict=True)``, and the logits equal that implementa
   ``auxlayer`` on the learning-to-downsample output (1/8), the public layout's only one, and ``auxlayer_gfe``
   on the global feature extractor's output (1/32); ``fastseg.checkpoint.fit_aux_heads`` loads files with
   either, both or none into a model with or without them;
-* weights start from He (Kaiming) initialisation, as torchvision's models do, unless ``init="pytorch"`` asks
-  for PyTorch's layer defaults (what the public layout used; the ``adamw`` recipe's choice).
+* weights start from PyTorch's layer defaults (what the public layout used, and both training recipes'
+  choice); ``init="kaiming"`` asks for He initialisation, as torchvision's and mmsegmentation's models use.
 
 This file depends on torch only, so it can be copied on its own into another project.
 """
@@ -33,7 +33,7 @@ from torch import nn
 
 __all__ = ["FastSCNN", "INITS", "Model", "fold_batchnorm", "scaled_channels"]
 
-INITS = ("kaiming", "pytorch")  # He fan_out (torchvision's choice) | each layer's PyTorch default
+INITS = ("pytorch", "kaiming")  # each layer's PyTorch default | He fan_out (torchvision's and mmseg's choice)
 
 
 def scaled_channels(channels: int, width_mult: float, divisor: int = 8) -> int:
@@ -255,19 +255,20 @@ class FastSCNN(nn.Module):
     padding it would change the trained checkpoints' outputs). Training needs a batch of at least 2: the
     1×1 pyramid-pooling bin leaves BatchNorm a single value per channel otherwise.
 
-    ``init="kaiming"`` (the default): fresh weights follow He et al. (2015) with fan_out, as torchvision's
-    classification and segmentation backbones do (BatchNorm weight 1, bias 0; conv biases 0), rather than PyTorch's per-layer defaults; the
-    final 1×1 convs to the classes start at std 0.01, so the first predictions are close to uniform. Behind
-    BatchNorm a conv's weight scale sets only its effective step size, and He fan_out rescales every conv
-    against PyTorch's default (bottleneck projections up to 6× larger, wide depthwise convs up to 8× smaller),
-    so with AdamW the early steps differ: in 40-step CPU runs on the synthetic data (AdamW, lr 1e-2, three
-    seeds) the mIoU after 10 epochs was a quarter to two fifths lower than with the defaults.
-    ``init="pytorch"`` keeps each layer's own default initialisation (the ``adamw`` recipe's).
+    ``init="pytorch"`` (the default) keeps each layer's own default initialisation. ``init="kaiming"``: fresh
+    weights follow He et al. (2015) with fan_out, as torchvision's classification and segmentation backbones
+    and mmsegmentation's Fast-SCNN do (BatchNorm weight 1, bias 0; conv biases 0); the final 1×1 convs to the
+    classes start at std 0.01, so the first predictions are close to uniform. Behind BatchNorm a conv's
+    weight scale sets only its effective step size, and He fan_out rescales every conv against PyTorch's
+    default (bottleneck projections up to 6× larger, wide depthwise convs up to 8× smaller), so the early
+    steps differ. On synthetic scenes He init trained slower with both recipes: AdamW's best mIoU after 10
+    epochs fell by a third to two thirds (tests/test_recipe.py), and the SGD recipe was behind at every budget
+    of benchmarks/bench_recipes.py, three seeds each (docs/recipe.md).
     """
 
     def __init__(
         self, num_classes: int = 19, in_channels: int = 3, aux: bool = False, width_mult: float = 1.0,
-        init: str = "kaiming",
+        init: str = "pytorch",
     ):
         super().__init__()
         if width_mult <= 0:

@@ -84,7 +84,7 @@ def build_parser(description: str, defaults: dict[str, Any]) -> argparse.Argumen
                    help="torchvision --arch only: start the backbone from ImageNet weights, a torchvision weight "
                         "name (IMAGENET1K_V1, downloaded into $TORCH_HOME/hub/checkpoints) or the path of that file")
     g.add_argument("--init", choices=INITS, default=d["init"],
-                   help="fresh Fast-SCNN weights: kaiming (He fan_out) or pytorch (each layer's default)")
+                   help="fresh Fast-SCNN weights: pytorch (each layer's default) or kaiming (He fan_out)")
     g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=d["aux"],
                    help="auxiliary heads during training, weight 0.4 each (Fast-SCNN: on the 1/8 and 1/32 "
                         "features)")

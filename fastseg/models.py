@@ -187,13 +187,13 @@ def build_model(
     aux: bool = False,
     width_mult: float = 1.0,
     pretrained_backbone: str | None = None,
-    init: str = "kaiming",
+    init: str = "pytorch",
 ) -> nn.Module:
     """Build ``arch`` with freshly initialised weights (see the module docstring for what each returns).
 
     ``pretrained_backbone`` (torchvision models only): a torchvision weight name or a file of the backbone's
     ImageNet weights, loaded by :func:`load_pretrained_backbone`; the heads stay freshly initialised.
-    ``init`` (fast_scnn only; torchvision's models keep their builders' own): ``kaiming`` or ``pytorch``.
+    ``init`` (fast_scnn only; torchvision's models keep their builders' own): ``pytorch`` or ``kaiming``.
     """
     if arch not in ARCHS:
         raise UserError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")

@@ -72,8 +72,8 @@ def test_state_dict_layout_matches_published_checkpoints(aux):
     assert layout == expected
 
 
-def test_fresh_weights_follow_he_fan_out_init():
-    model = FastSCNN(aux=True)
+def test_kaiming_init_follows_he_fan_out():
+    model = FastSCNN(aux=True, init="kaiming")
     to_classes = {"classifier.conv.1", "auxlayer.4", "auxlayer_gfe.4"}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Conv2d):
