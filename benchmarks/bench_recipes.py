@@ -13,10 +13,11 @@ Two questions, three seeds each:
 
 * recipes, at reduced profile 1 for ``--epochs-recipe`` epochs (one whole decay in the stage):
   ``adamw`` (the earlier runs: AdamW 1e-3, poly per stage, PyTorch init, no aux heads, no scale aug),
-  ``paper`` (SGD 0.00375 x batch, poly, two aux heads, scale 0.5-2.0, He init) and ``paper`` with
-  ``--init pytorch``;
+  ``paper`` (SGD 0.00375 x batch, poly, two aux heads, scale 0.5-2.0, PyTorch init) and ``paper`` with
+  ``--init kaiming`` (He init, as mmsegmentation's Fast-SCNN starts);
 * schedule: the curriculum (reduced profiles 1 -> 2 -> 3, ``--epochs-stage`` each, the recipe's decay) against
-  one stage at reduced profile 3 from scratch with the same training compute, for ``--schedule-recipes``.
+  one stage at reduced profile 3 from scratch with the same training compute, for ``--schedule-recipes``
+  (by default ``paper`` and ``paper+kaiming-init``).
 
 Each run's stages write their own ``metrics.jsonl`` under ``--work-dir``; a rerun resumes unfinished runs and
 skips finished ones (train.py's own resume). The JSON (``--out``) is a list of runs, each with its ``recipe``,
@@ -40,10 +41,10 @@ SEEDS = (0, 1, 2)
 # Half the curriculum's linear size: (resize, patch) of reduced profiles 1-3.
 REDUCED = {1: ("288x144", "224x112"), 2: ("384x192", "288x144"), 3: ("512x256", "384x192")}
 PATCH_PIXELS = {k: int(p.split("x")[0]) * int(p.split("x")[1]) for k, (_, p) in REDUCED.items()}
-RECIPES = {  # name in the results -> train.py flags
-    "adamw": ["--recipe", "adamw"],
-    "paper": ["--recipe", "paper"],
-    "paper+pytorch-init": ["--recipe", "paper", "--init", "pytorch"],
+RECIPES = {  # name in the results -> train.py flags (the init named, so a later default cannot change a run)
+    "adamw": ["--recipe", "adamw", "--init", "pytorch"],
+    "paper": ["--recipe", "paper", "--init", "pytorch"],
+    "paper+kaiming-init": ["--recipe", "paper", "--init", "kaiming"],
 }
 
 
@@ -219,13 +220,17 @@ def main(argv=None) -> int:
     p.add_argument("--val", type=int, default=16)
     p.add_argument("--epochs-recipe", type=int, default=50)
     p.add_argument("--epochs-stage", type=int, default=8)
-    p.add_argument("--schedule-recipes", type=lambda text: text.split(","), default=["paper"],
-                   help="recipes of the curriculum-against-baseline runs, comma-separated (default: paper)")
+    p.add_argument("--schedule-recipes", type=lambda text: text.split(","), default=["paper", "paper+kaiming-init"],
+                   help="recipes of the curriculum-against-baseline runs, comma-separated, among "
+                   f"{', '.join(RECIPES)} (default: paper,paper+kaiming-init)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the plot and print the tables from --out (the committed JSON); trains nothing")
     args = p.parse_args(argv)
+    unknown = [name for name in args.schedule_recipes if name not in RECIPES]
+    if unknown:
+        p.error(f"--schedule-recipes: unknown {', '.join(unknown)}; choose among {', '.join(RECIPES)}")
     args.work_dir = args.work_dir.resolve()
     args.data_dir = args.work_dir / "data"
     if not args.plot_only:
