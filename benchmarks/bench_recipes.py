@@ -200,8 +200,11 @@ def plot(runs: list[dict], path: Path) -> None:
             n = min(len(r["curve"]) for r in members)
             x = [members[0]["curve"][i]["cum_train_tflop"] for i in range(n)]
             ys = [[r["curve"][i]["val_miou"] * 100 for r in members] for i in range(n)]
-            (line,) = ax.plot(x, [sum(y) / len(y) for y in ys], label=f"{label} ({len(members)} seeds)")
-            ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+            # One colour per recipe in both panels; the baseline dashed beside its curriculum.
+            colour = f"C{list(RECIPES).index(members[0]['recipe'])}"
+            style = "--" if members[0]["schedule"] == "baseline" else "-"
+            ax.plot(x, [sum(y) / len(y) for y in ys], style, color=colour, label=f"{label} ({len(members)} seeds)")
+            ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.2)
         ax.set(title=title, xlabel="training compute (TFLOP)", ylabel="val mIoU (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
