@@ -84,7 +84,7 @@ LR_DECAY = None  # curriculum: stage k starts at the rate where stage k-1 ended 
 WEIGHT_DECAY = None  # 4e-5 | 1e-4; never on norm weights, biases and depthwise kernels
 AUX = None  # two auxiliary heads (1/8 and 1/32 features, loss weight 0.4 each) during training | none
 SCALE_AUG = None  # random scale 0.5-2.0 of the profile's size before the crop | off
-INIT = None  # pytorch (each layer's default) | kaiming (He fan_out, as mmseg; slower here: docs/recipe.md)
+INIT = None  # pytorch: each layer's default (both recipes); kaiming (He, as mmseg) trained slower (docs/recipe.md)
 # ---- rarely changed ----------------------------------------------------------------------------------------
 MOMENTUM = 0.9  # sgd only
 WARMUP_EPOCHS = 0.0  # linear warm-up at the start of the stage (after a change of resolution)
