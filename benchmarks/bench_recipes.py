@@ -133,6 +133,13 @@ def write_results(args) -> list[dict]:
     return results
 
 
+def late_rise(miou: list[float]) -> float:
+    """How far a curve still climbs at its end: the mean of its last 5 epochs minus the mean of the 5 epochs
+    ending at 80% of the run (about 0 once it has flattened)."""
+    mark = int(len(miou) * 0.8)
+    return sum(miou[-5:]) / 5 - sum(miou[mark - 5:mark]) / 5
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per (recipe, schedule): best and final val mIoU, mean and min-max over its seeds."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -141,13 +148,14 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for (recipe, schedule), members in groups.items():
         seconds = [sum(p.get("epoch_s") or 0.0 for p in r["curve"]) for r in members]
+        rise = [late_rise([p["val_miou"] for p in r["curve"]]) for r in members]
         best = [max(p["val_miou"] for p in r["curve"]) for r in members]
         final = [r["curve"][-1]["val_miou"] for r in members]
         rows.append({"recipe": recipe, "schedule": schedule, "seeds": len(members),
                      "tflop": members[0]["curve"][-1]["cum_train_tflop"],
                      "best": (sum(best) / len(best), min(best), max(best)),
                      "final": (sum(final) / len(final), min(final), max(final)),
-                     "train_s": (min(seconds), max(seconds))})
+                     "train_s": (min(seconds), max(seconds)), "rise": sum(rise) / len(rise)})
     return rows
 
 
@@ -172,11 +180,11 @@ def budget_table(runs: list[dict]) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| recipe | schedule | seeds | training TFLOP | best val mIoU, mean (min-max) | final val mIoU | "
-             "training s per run |", "|---|---|---|---|---|---|---|"]
+             "rise over the last fifth | training s per run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: f"{100 * v[0]:.1f} ({100 * v[1]:.1f}-{100 * v[2]:.1f})"  # noqa: E731
         lines.append(f"| {r['recipe']} | {r['schedule']} | {r['seeds']} | {r['tflop']:.1f} | {fmt(r['best'])} | "
-                     f"{fmt(r['final'])} | {r['train_s'][0]:.0f}-{r['train_s'][1]:.0f} |")
+                     f"{fmt(r['final'])} | {100 * r['rise']:+.1f} | {r['train_s'][0]:.0f}-{r['train_s'][1]:.0f} |")
     return "\n".join(lines)
 
 
