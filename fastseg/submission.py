@@ -7,9 +7,11 @@ For a checkpoint, :func:`export_submission` writes under ``<dir>/``::
                         shape)``)
     codalab.zip         the same three files at the root of a zip, ready to upload
     docker/             Dockerfile, predict.py (every *.png of $IMAGE_DIR -> a train-id PNG of the same name in
-                        $OUTPUT_DIR, model from $MODEL_PATH), model.py, model.pt, requirements.txt
+                        $OUTPUT_DIR, model from $MODEL_PATH), model.py, model.pt, requirements.txt, and
+                        model.onnx when onnxscript and onnxruntime are installed: the container then runs it with
+                        onnxruntime, the fastest CPU path measured (docs/deploy.md)
 
-Both need torch, torchvision, numpy and pillow only. Their pre- and post-processing are the evaluation's own
+Both need torch, torchvision, numpy and pillow only (and onnxruntime for model.onnx). Their pre- and post-processing are the evaluation's own
 (``fastseg.cityscapes.read_image``/``resize_image``, ``fastseg.augment.prepare_batch`` without jitter,
 ``fastseg.engine.upsample_logits`` then the argmax), so a package scores what ``evaluate_efficiency.py`` reported;
 ``tests/test_submission.py`` runs each one from an empty folder and checks that.
@@ -27,6 +29,7 @@ import torchvision
 from torch import nn
 
 import fast_scnn
+from fastseg import deploy
 from fastseg.checkpoint import atomic_path, atomic_save, atomic_write_text
 from fastseg.cityscapes import MEAN, STD, Profile
 from fastseg.errors import UserError
@@ -177,9 +180,10 @@ train_ids = postprocess(prediction, (img.height, img.width)).
 
 _PREDICT_HEADER = '''"""Segment every *.png of IMAGE_DIR into a train-id PNG (0-18) of the same name in OUTPUT_DIR.
 
-    IMAGE_DIR=/data OUTPUT_DIR=/output MODEL_PATH=/app/model.pt python predict.py
+    IMAGE_DIR=/data OUTPUT_DIR=/output MODEL_PATH=/app/model.onnx python predict.py
 
-The three environment variables default to those paths (the container's). Pre- and post-processing are
+The three environment variables default to the container's paths. MODEL_PATH may name model.onnx (run by
+onnxruntime, the faster CPU path) or model.pt (run by PyTorch); both give the same predictions. Pre- and post-processing are
 the evaluation's, so the predictions score what evaluate_efficiency.py reported.
 """
 
@@ -193,33 +197,46 @@ from model import Model, prepare_for_inference
 
 IMAGE_DIR = Path(os.environ.get("IMAGE_DIR", "/data"))
 OUTPUT_DIR = Path(os.environ.get("OUTPUT_DIR", "/output"))
-MODEL_PATH = Path(os.environ.get("MODEL_PATH", "/app/model.pt"))
+MODEL_PATH = Path(os.environ.get("MODEL_PATH", "/app/{model_file}"))
+
+
+def load(path: Path):
+    """The forward pass: onnxruntime on a .onnx file (BatchNorm folded at export), else PyTorch on model.pt."""
+    if path.suffix == ".onnx":
+        import numpy as np
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda batch: torch.from_numpy(session.run(None, {{"image": np.ascontiguousarray(batch.numpy())}})[0])
+    model = Model()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model = prepare_for_inference(model.eval())
+    return lambda batch: model(batch.contiguous(memory_format=torch.channels_last))
 
 
 def main() -> int:
     if not MODEL_PATH.is_file():
-        print(f"error: MODEL_PATH {MODEL_PATH}: no such file; set MODEL_PATH to the exported model.pt", file=sys.stderr)
+        print(f"error: MODEL_PATH {{MODEL_PATH}}: no such file; set MODEL_PATH to the exported model.onnx or model.pt",
+              file=sys.stderr)
         return 2
     images = sorted(IMAGE_DIR.glob("*.png")) if IMAGE_DIR.is_dir() else []
     if not images:
-        print(f"error: IMAGE_DIR {IMAGE_DIR}: no *.png images there; set IMAGE_DIR to the folder of images",
+        print(f"error: IMAGE_DIR {{IMAGE_DIR}}: no *.png images there; set IMAGE_DIR to the folder of images",
               file=sys.stderr)
         return 2
-    model = Model()
-    model.load_state_dict(torch.load(MODEL_PATH, map_location="cpu", weights_only=True), strict=True)
-    model = prepare_for_inference(model.eval())
+    forward = load(MODEL_PATH)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         for path in images:
             with Image.open(path) as img:
                 img.load()
                 shape = (img.height, img.width)
-                batch = preprocess(img).contiguous(memory_format=torch.channels_last)
-            train_ids = postprocess(model(batch), shape)
-            tmp = OUTPUT_DIR / f".{path.name}.tmp"
+                batch = preprocess(img)
+            train_ids = postprocess(forward(batch), shape)
+            tmp = OUTPUT_DIR / f".{{path.name}}.tmp"
             Image.fromarray(train_ids).save(tmp, format="PNG")
             os.replace(tmp, OUTPUT_DIR / path.name)  # never a half-written prediction
-    print(f"wrote {len(images)} prediction(s) to {OUTPUT_DIR}")
+    print(f"wrote {{len(images)}} prediction(s) to {{OUTPUT_DIR}}")
     return 0
 
 
@@ -233,8 +250,8 @@ FROM python:3.12-slim
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
-COPY model.py predict.py model.pt ./
-ENV IMAGE_DIR=/data OUTPUT_DIR=/output MODEL_PATH=/app/model.pt
+COPY {files} ./
+ENV IMAGE_DIR=/data OUTPUT_DIR=/output MODEL_PATH=/app/{model_file}
 CMD ["python", "/app/predict.py"]
 '''
 
@@ -275,10 +292,29 @@ def export_submission(model: nn.Module, config: dict[str, Any], profile: Profile
     docker = out_dir / "docker"
     atomic_write_text(docker / "model.py", model_py)
     atomic_save(state, docker / "model.pt")
-    atomic_write_text(docker / "predict.py", _PREDICT_HEADER + processing + _PREDICT_MAIN)
-    atomic_write_text(docker / "requirements.txt", "\n".join(PACKAGE_REQUIREMENTS) + "\n")
-    atomic_write_text(docker / "Dockerfile", _DOCKERFILE)
+    files, requirements = ["model.py", "predict.py", "model.pt"], list(PACKAGE_REQUIREMENTS)
+    if onnx_runtime_version() is not None:  # the container runs onnxruntime: 2.6-2.8x PyTorch's speed (docs/deploy.md)
+        deploy.export_onnx(model, tuple(profile.resize_hw), docker / "model.onnx")
+        files.append("model.onnx")
+        requirements.append(f"onnxruntime=={onnx_runtime_version()}")
+    else:
+        (docker / "model.onnx").unlink(missing_ok=True)  # a package exported before must not keep a stale one
+    atomic_write_text(docker / "predict.py", _PREDICT_HEADER + processing + _PREDICT_MAIN.format(model_file=files[-1]))
+    atomic_write_text(docker / "requirements.txt", "\n".join(requirements) + "\n")
+    atomic_write_text(docker / "Dockerfile", _DOCKERFILE.format(files=" ".join(files), model_file=files[-1]))
     return out_dir
+
+
+def onnx_runtime_version() -> str | None:
+    """onnxruntime's version when both it and the ONNX exporter (onnxscript) are installed, else None: the
+    Docker package then runs PyTorch."""
+    if not (deploy.onnx_export_available() and deploy.onnxruntime_available()):
+        return None
+    if deploy.onnx_exporter_missing(torch.onnx.export):
+        return None
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _fresh_model_keys(model_py: str) -> list[str]:

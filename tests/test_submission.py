@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import evaluate_efficiency
+from fastseg import deploy
 from fastseg.augment import prepare_batch
 from fastseg.cityscapes import list_samples, load_sample, read_label
 from fastseg.errors import UserError
@@ -79,7 +80,7 @@ def exported(synthetic_root, tmp_path_factory):
     by evaluate_efficiency.py: ``(report rows by checkpoint, export folder)``."""
     root = tmp_path_factory.mktemp("submission")
     torch.manual_seed(0)
-    fast = build_model("fast_scnn", aux=True, width_mult=0.5)
+    fast = build_model("fast_scnn", aux=True, width_mult=0.5, init="kaiming")  # the scale _sharp was set for
     _save(root / "ckpt" / "fast" / "best.pth", _sharp(fast, 1e5, fast.classifier.conv[1]),
           arch="fast_scnn", width_mult=0.5, aux=True)
     lraspp = build_model("lraspp_mobilenet_v3_large")
@@ -156,20 +157,44 @@ def test_docker_entry_point_from_an_empty_folder_scores_the_reported_miou(export
     row = rows["fast/best.pth"]
     source = Path(row["submission_dir"]) / "docker"
     assert sorted(p.name for p in source.iterdir()) == sorted(
-        ["Dockerfile", "predict.py", "model.py", "model.pt", "requirements.txt"])
+        ["Dockerfile", "predict.py", "model.py", "model.pt", "model.onnx", "requirements.txt"])
     app = tmp_path / "app"
     shutil.copytree(source, app)
     samples = _val_images(synthetic_root, tmp_path / "data")
-    output = tmp_path / "output"
-    env = _clean_env(IMAGE_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(output), MODEL_PATH=str(app / "model.pt"))
-    # As the container runs `python /app/predict.py`: predict.py's own folder first on the import path.
-    subprocess.run([sys.executable, "predict.py"], cwd=app, env=env, check=True)
-    written = sorted(p.name for p in output.iterdir())
-    assert written == sorted(s.image.name for s in samples)  # same names, nothing else
-    predictions = {name: np.array(Image.open(output / name)) for name in written}
-    assert _score(samples, predictions) == pytest.approx(row["miou"], abs=1e-3)
+    # The container runs model.onnx with onnxruntime; model.pt with PyTorch is the same model.
+    dockerfile = (app / "Dockerfile").read_text()
+    assert "COPY model.py predict.py model.pt model.onnx ./" in dockerfile and "MODEL_PATH=/app/model.onnx" in dockerfile
     requirements = (app / "requirements.txt").read_text().split()
-    assert [r.split("==")[0] for r in requirements] == ["torch", "torchvision", "numpy", "pillow"]
+    assert [r.split("==")[0] for r in requirements] == ["torch", "torchvision", "numpy", "pillow", "onnxruntime"]
+    for model_file in ("model.onnx", "model.pt"):
+        output = tmp_path / f"output-{model_file}"
+        env = _clean_env(IMAGE_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(output), MODEL_PATH=str(app / model_file))
+        # As the container runs `python /app/predict.py`: predict.py's own folder first on the import path.
+        subprocess.run([sys.executable, "predict.py"], cwd=app, env=env, check=True)
+        written = sorted(p.name for p in output.iterdir())
+        assert written == sorted(s.image.name for s in samples)  # same names, nothing else
+        predictions = {name: np.array(Image.open(output / name)) for name in written}
+        assert _score(samples, predictions) == pytest.approx(row["miou"], abs=1e-3), model_file
+
+
+def test_without_onnxruntime_the_docker_package_runs_pytorch(exported, tmp_path, monkeypatch, capsys):
+    rows, _ = exported
+    row = rows["fast/best.pth"]
+    out = Path(row["submission_dir"]).parent
+    stale = tmp_path / "submit" / "best" / "docker" / "model.onnx"  # a package exported before, with onnxruntime
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    monkeypatch.setattr(deploy, "onnxruntime_available", lambda: False)
+    checkpoint = out.parent / "ckpt" / "fast" / "best.pth"
+    assert evaluate_efficiency.main([
+        "--current-model-path", str(checkpoint), "--skip-accuracy", "--skip-speed", "--export-submission",
+        str(tmp_path / "submit"), "--output", "none", "--plots", "none", "--device", "cpu"]) == 0
+    docker = tmp_path / "submit" / "best" / "docker"
+    assert sorted(p.name for p in docker.iterdir()) == sorted(
+        ["Dockerfile", "predict.py", "model.py", "model.pt", "requirements.txt"])
+    assert "MODEL_PATH=/app/model.pt" in (docker / "Dockerfile").read_text()
+    assert "onnxruntime" not in (docker / "requirements.txt").read_text()
+    assert f"note: {docker} runs PyTorch; with onnxscript and onnxruntime installed" in capsys.readouterr().err
 
 
 def test_docker_entry_point_without_images_says_which_variable(exported, tmp_path):
