@@ -216,8 +216,6 @@ def optional_path(value: str | Path | None) -> Path | None:
     return Path(value)
 
 
-
-
 # ---- one checkpoint: what it is, then its score, cost, time and exports ------------------------------------
 
 
