@@ -262,7 +262,7 @@ class FastSCNN(nn.Module):
     weight scale sets only its effective step size, and He fan_out rescales every conv against PyTorch's
     default (bottleneck projections up to 6× larger, wide depthwise convs up to 8× smaller), so the early
     steps differ. On synthetic scenes He init trained slower with both recipes: AdamW's best mIoU after 10
-    epochs fell by a third to two thirds (tests/test_recipe.py), and the SGD recipe was behind at every budget
+    epochs fell by a third to two thirds (three seeds on the tests' data), and the SGD recipe was behind at every budget
     of benchmarks/bench_recipes.py, three seeds each (docs/recipe.md).
     """
 

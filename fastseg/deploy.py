@@ -1,11 +1,10 @@
 """The deployed path: the BN-folded fp32 ONNX export and its onnxruntime latency, beside PyTorch's.
 
-On a CPU, onnxruntime ran this export in 0.42× the time PyTorch took for the same BN-folded channels_last model
-at 2048×1024 with one thread (0.21× with two, on a loaded machine), at the same mIoU (``benchmarks/bench_deploy.py``;
-docs/deploy.md), so ``evaluate_efficiency.py`` times it by default and reports it beside PyTorch's latency.
-int8 quantization was measured there too and fell short of the goal that would justify shipping it (0.25×); that
-page has the figures.
-"""
+On a CPU, onnxruntime ran this export at 0.36-0.39x the time PyTorch took for the same BN-folded channels_last
+model at 2048x1024 (2 threads, idle machine, two runs), at the same mIoU (``benchmarks/bench_deploy.py``;
+docs/deploy.md). So ``evaluate_efficiency.py`` times it by default and reports it beside PyTorch's latency, and
+the Docker package of ``--export-submission`` runs it. int8 quantization and torch.compile were measured there
+too and were slower; that page has the figures."""
 
 from __future__ import annotations
 

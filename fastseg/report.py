@@ -207,12 +207,14 @@ def point_labels(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _stacked(xy: Sequence[tuple[float, float]], near: float = 0.03) -> list[int]:
-    """For each point, how many earlier points sit on it (within ``near`` of the plotted ranges): their
-    labels go one line higher each, so that two stages with the same figures stay readable."""
+    """For each point, the line its label goes on: the lowest that no earlier point near it (within ``near``
+    of the plotted ranges) took, so that stages with the same figures stay readable."""
     spans = [max(v) - min(v) or 1.0 for v in zip(*xy)] if xy else []
     levels: list[int] = []
     for i, (x, y) in enumerate(xy):
-        levels.append(sum(abs(x - a) <= near * spans[0] and abs(y - b) <= near * spans[1] for a, b in xy[:i]))
+        taken = {levels[j] for j, (a, b) in enumerate(xy[:i])
+                 if abs(x - a) <= near * spans[0] and abs(y - b) <= near * spans[1]}
+        levels.append(min(set(range(len(taken) + 1)) - taken))
     return levels
 
 

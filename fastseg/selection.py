@@ -104,8 +104,6 @@ def stage_label(config: dict[str, Any], profile: int) -> str:
     return f"{role} p{profile}"
 
 
-
-
 def requested_profiles(value: Any) -> list[int] | None:
     """``--profile``'s values as profile indices, in order without repeats: None (each checkpoint's own),
     ``3``, ``["1", "3"]``, ``"1-5"``, ``(1, 2, 3)``."""

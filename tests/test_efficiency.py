@@ -631,6 +631,8 @@ def test_labels_of_stages_with_the_same_figures_are_stacked_not_overprinted():
     points = [(1.13, 18.68), (1.13, 19.21), (2.01, 26.00), (2.01, 25.98), (2.01, 26.0)]
     assert _stacked(points) == [0, 0, 0, 1, 2]
     assert _stacked([(1.0, 5.0)]) == [0] and _stacked([]) == []
+    # A chain: the first and the third are each near the second only; the third may share the first's line.
+    assert _stacked([(0.0, 0.0), (0.0, 0.2), (0.0, 0.4), (0.0, 10.0)]) == [0, 1, 0, 0]
 
 
 def test_training_compute_plot_draws_one_line_per_run(tmp_path):
