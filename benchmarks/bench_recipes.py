@@ -79,11 +79,25 @@ def stage_command(run: dict, profile: int, epochs: int, args) -> list[str]:
             "--cache-dir", str(args.work_dir / "cache")]
 
 
+def init_of(recipe: str) -> str:
+    flags = RECIPES[recipe]
+    return flags[flags.index("--init") + 1]
+
+
 def curve(run: dict, work_dir: Path) -> list[dict] | None:
-    """The run's epochs across its stages, or None while a stage is unfinished."""
+    """The run's epochs across its stages, or None while a stage is unfinished. A stage in the work dir that
+    was trained with another recipe or init than the run's name says (a work dir from an older version of
+    this benchmark) stops the benchmark rather than being counted as this run."""
     points = []
     for profile, epochs in run["stages"]:
-        path = work_dir / run["name"] / f"profile-{profile}" / "metrics.jsonl"
+        stage = work_dir / run["name"] / f"profile-{profile}"
+        if (stage / "config.json").is_file():
+            config = json.loads((stage / "config.json").read_text())
+            trained = (config.get("recipe"), config.get("init"))
+            if trained != (RECIPES[run["recipe"]][1], init_of(run["recipe"])):
+                sys.exit(f"{stage} was trained with recipe {trained[0]}, init {trained[1]}, not as "
+                         f"{run['name']} is defined; move it away (or use another --work-dir) and rerun")
+        path = stage / "metrics.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         if len(records) < epochs:
             return None
@@ -121,7 +135,8 @@ def write_results(args) -> list[dict]:
         points = curve(run, args.work_dir)
         if points is not None:
             results.append({k: run[k] for k in ("name", "recipe", "seed", "schedule")}
-                           | {"stages": [list(s) for s in run["stages"]], "curve": points})
+                           | {"init": init_of(run["recipe"]), "flags": RECIPES[run["recipe"]],
+                              "stages": [list(s) for s in run["stages"]], "curve": points})
     meta = {"data": f"tools/synthetic.py --seed 7, {args.train} train / {args.val} val at 1024x512",
             "profiles": {str(k): {"resize": r, "patch": p} for k, (r, p) in REDUCED.items()},
             "batch_size": args.batch_size, "epochs_recipe": args.epochs_recipe, "epochs_stage": args.epochs_stage,
