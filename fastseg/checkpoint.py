@@ -320,8 +320,8 @@ RESUME_RECORDED = ("batch_size", "world_size", "global_batch", "lr")
 def carry_on_resume(saved: dict | None, config: dict, epoch: int) -> tuple[dict, list[str]]:
     """A resumed run's ``config`` with what earlier runs of the stage recorded, and the notes to print.
 
-    The stage's origin stays: ``previous_model_loaded`` (a resume loads last.pth, not those weights) and, for
-    a student whose teacher path changed, ``teacher_at_start``. ``resumed_changes`` lists, for each resume
+    The stage's origin stays: ``previous_model_loaded`` (a resume loads last.pth, not those weights), ``init``
+    and, for a student whose teacher path changed, ``teacher_at_start``. ``resumed_changes`` lists, for each resume
     that changed a setting of ``RESUME_RECORDED``, the epoch it resumed at and ``[before, after]`` of each.
     """
     saved = dict(saved or {})
@@ -329,6 +329,8 @@ def carry_on_resume(saved: dict | None, config: dict, epoch: int) -> tuple[dict,
         saved["global_batch"] = saved["batch_size"] * saved["world_size"]
     config = {**config, "previous_model_loaded": saved.get("previous_model_loaded"),
               "resumed_changes": list(saved.get("resumed_changes") or [])}
+    if saved.get("init"):  # how the stage's fresh weights started: --init changes nothing on a resume
+        config["init"] = saved["init"]
     notes = []
     old, new = saved.get("teacher") or {}, config.get("teacher") or {}
     if old.get("path") and new.get("path") and old["path"] != new["path"]:

@@ -124,6 +124,18 @@ def test_more_epochs_for_a_finished_stage_go_on_from_where_its_rate_ended(synthe
     assert config_of(tmp_path / "t" / "profile-1")["decay_epochs"] == ([0, 2] if decay == "stage" else [0, 4])
 
 
+def test_a_resumed_stage_keeps_the_init_its_weights_started_from(synthetic_root, tmp_path):
+    # A stage begun with He init (the paper recipe's before), then resumed where the recipe's init is PyTorch's:
+    # the files still say how its weights started.
+    common = ["--previous-model-path", "none", "--curriculum-epochs", "2,2,0,0,0"]
+    assert train.main(argv(synthetic_root, tmp_path, *common, "--init", "kaiming", "--epochs", "1")) == 0
+    assert train.main(argv(synthetic_root, tmp_path, *common, "--epochs", "2")) == 0
+    stage = tmp_path / "t" / "profile-1"
+    assert [r["epoch"] for r in records(stage)] == [1, 2]
+    for config in (config_of(stage), load_checkpoint(stage / "last.pth")["config"]):
+        assert config["init"] == "kaiming"
+
+
 def test_a_student_resumed_keeps_its_origin_and_teacher(synthetic_root, tmp_path, monkeypatch):
     torch.manual_seed(0)
     teacher, start = tmp_path / "teacher.pth", tmp_path / "start.pth"
