@@ -6,7 +6,8 @@
 - cost: parameters, MACs and FLOPs (:func:`cost_fields`; the counts come from :mod:`fastseg.flops`,
   FLOPs are 2 × MACs) and accuracy per GFLOP (:func:`efficiency_scores`);
 - speed: latency at batch 1, throughput at a larger batch and, on CUDA, peak memory, per dtype, on a copy
-from fastseg.engine import evaluate, main_logits, native_bf16, upsample_logits
+  of the model prepared for inference and converted to that dtype (:func:`prepare_for_speed`,
+  :func:`benchmark_speed`). The ONNX export and its onnxruntime latency are :mod:`fastseg.deploy`'s.
 
 The table, JSON and plots that compare checkpoints are :mod:`fastseg.report`'s.
 """
@@ -35,6 +36,7 @@ from fastseg.engine import evaluate, main_logits, native_bf16, upsample_logits
 from fastseg.metrics import ConfusionMatrix
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
