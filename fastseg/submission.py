@@ -203,7 +203,12 @@ def load(path: Path):
     """The forward pass: onnxruntime on a .onnx file (BatchNorm folded at export), else PyTorch on model.pt."""
     if path.suffix == ".onnx":
         import numpy as np
-        import onnxruntime
+        try:
+            import onnxruntime
+        except ImportError:
+            print(f"error: MODEL_PATH {{path}} needs onnxruntime, which is not installed: "
+                  "pip install -r requirements.txt, or set MODEL_PATH to model.pt (PyTorch)", file=sys.stderr)
+            sys.exit(2)
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda batch: torch.from_numpy(session.run(None, {{"image": np.ascontiguousarray(batch.numpy())}})[0])
@@ -300,7 +305,7 @@ def export_submission(model: nn.Module, config: dict[str, Any], profile: Profile
         try:
             deploy.export_onnx(model, tuple(profile.resize_hw), docker / "model.onnx")
         except Exception as exc:  # the exporter's coverage depends on the PyTorch version and the architecture
-            no_onnx = f"the ONNX export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})"
+            no_onnx = f"the ONNX export failed ({deploy.export_error(exc)})"
     if no_onnx is None:
         import onnxruntime
 

@@ -259,6 +259,28 @@ def test_onnx_export_without_onnxscript_is_a_user_error(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_onnx_export_that_fails_is_one_line_or_a_note(checkpoints, monkeypatch, tmp_path, capsys):
+    # PyTorch 2.5's exporter fails on LR-ASPP, for one: the default timing of the deployed path says so and the
+    # report goes on; an explicit --export-onnx stops with one line that names it.
+    def failing_export(model, args, f=None, *, dynamo=True, external_data=True, **kwargs):  # 2.5's arguments
+        raise RuntimeError("Failed to convert the exported program to an ONNX model.\nNext steps: ...")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    checkpoint = str(checkpoints / "baseline" / "profile-1" / "best.pth")
+    common = ["--current-model-path", checkpoint, "--skip-accuracy", "--runs", "2", "--warmup", "0",
+              "--throughput-batch", "1", "--output", str(tmp_path / "r.json"), "--plots", "none", "--device", "cpu"]
+    report_, _ = _run(capsys, *common)
+    assert report_["results"][0]["latency_ms"] > 0 and report_["results"][0].get("onnx_latency_ms") is None
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: evaluate_efficiency.main([*common, "--export-onnx", str(tmp_path / "m.onnx")]))
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert err == [f"error: --export-onnx: torch {torch.__version__}'s ONNX exporter failed on this model "
+                   "(RuntimeError: Failed to convert the exported program to an ONNX model.); a newer PyTorch may "
+                   "export it, or drop --export-onnx"]
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_bad_checkpoints_end_in_one_line(checkpoints, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
