@@ -224,6 +224,25 @@ def test_docker_entry_point_without_images_says_which_variable(exported, tmp_pat
         f"error: IMAGE_DIR {tmp_path / 'empty'}: no *.png images there; set IMAGE_DIR to the folder of images"]
 
 
+def test_docker_entry_point_without_onnxruntime_says_so_in_one_line(exported, synthetic_root, tmp_path):
+    # Run outside the container, where onnxruntime may be missing: a stand-in package that fails to import.
+    rows, _ = exported
+    app = Path(rows["fast/best.pth"]["submission_dir"]) / "docker"
+    blocked = tmp_path / "blocked" / "onnxruntime"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    _val_images(synthetic_root, tmp_path / "data")
+    env = _clean_env(IMAGE_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(tmp_path / "o"),
+                     MODEL_PATH=str(app / "model.onnx"), PYTHONPATH=str(tmp_path / "blocked"))
+    result = subprocess.run([sys.executable, str(app / "predict.py")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: MODEL_PATH {app / 'model.onnx'} needs onnxruntime, which is not installed: "
+        "pip install -r requirements.txt, or set MODEL_PATH to model.pt (PyTorch)"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_preprocess_gives_the_evaluations_input_bit_for_bit(exported, synthetic_root):
     rows, _ = exported
     path = Path(rows["fast/best.pth"]["submission_dir"]) / "codalab" / "process_data.py"
